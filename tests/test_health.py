@@ -1,0 +1,14 @@
+from fastapi.testclient import TestClient
+
+
+def test_health_and_ready(client: TestClient, db_kind: str) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready").json()
+    assert ready["status"] == "ready"
+    assert ready["database"] == db_kind
+
+
+def test_unknown_path_uses_the_error_envelope(client: TestClient) -> None:
+    response = client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"] == "NotFound"
