@@ -1,0 +1,181 @@
+"""The simulation protocol end to end on a tiny HAM10000-layout folder: rows, paired initial
+sets, the report, crash and resume without duplicates, the CLI's presets and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ml import simulate
+from ml.simulate import SimulationConfig, parse_args, run_simulation, schedule
+from tests.ml.test_ham10000 import write_ham_layout
+
+# 60 images -> pool ~48; 20% initial + one 20% round -> two rounds (labels ~10, ~20).
+FAST = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+        "--initial-fraction", "0.2", "--budget-fraction", "0.2", "--final-fraction", "0.4",
+        "--no-progress"]  # fmt: skip
+STRATEGIES = ("random", "confident_coreset")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def keys(rows: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+    return [(r["strategy"], r["seed"], r["round"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ham_layout(tmp_path_factory.mktemp("ham"))
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def crashed(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A classification run killed after round 0 of its second strategy (a hook raises), with a
+    half-written CSV line; returns its out folder and the rows it had stored."""
+    out = tmp_path_factory.mktemp("run")
+    config = SimulationConfig(data=layout, out=out, strategies=STRATEGIES, seeds=(0,),
+                              image_size=32, epochs=1, batch_size=32, device="cpu",
+                              initial_fraction=0.2, budget_fraction=0.2, final_fraction=0.4,
+                              progress=False)  # fmt: skip
+
+    def crash_mid_strategy(row: dict[str, Any]) -> None:
+        if (row["strategy"], row["round"]) == ("confident_coreset", 0):
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_simulation(config, after_round=crash_mid_strategy)
+    stored = [f"{s}/{r}" for s, _, r in keys(read_csv(out / "results.csv"))]
+    with (out / "results.csv").open("a") as handle:  # a write cut by the kill
+        handle.write("classification,confident_coreset,0,1,2")
+    return out, stored
+
+
+@pytest.fixture(scope="module")
+def finished(layout: Path, crashed: tuple[Path, list[str]]) -> Path:
+    """The crashed run, resumed through the CLI with the same settings."""
+    out = crashed[0]
+    argv = ["--data", str(layout), "--out", str(out), "--strategies", ",".join(STRATEGIES),
+            "--seeds", "0", *FAST]  # fmt: skip
+    assert simulate.main(argv) == 0
+    return out
+
+
+def test_schedule() -> None:
+    assert schedule(8012, 0.10, 0.05, 0.40) == [801, 1202, 1603, 2004, 2405, 2806, 3207]
+    assert schedule(48, 0.2, 0.2, 0.4) == [10, 20]
+    assert schedule(100, 0.1, 0.05, 0.1) == [10]
+
+
+def test_crash_then_resume_has_no_duplicates(
+    crashed: tuple[Path, list[str]], finished: Path
+) -> None:
+    assert crashed[1] == ["full/0", "random/0", "random/1", "confident_coreset/0"]
+    rows = read_csv(finished / "results.csv")
+    assert max(Counter(keys(rows)).values()) == 1
+    expected = [("full", "0"), ("random", "0"), ("random", "1"),
+                ("confident_coreset", "0"), ("confident_coreset", "1")]  # fmt: skip
+    assert keys(rows) == [(s, "0", r) for s, r in expected]
+
+
+def test_run_writes_rows_report_and_paired_initial_sets(finished: Path) -> None:
+    rows = read_csv(finished / "results.csv")
+    n_pool = int(rows[0]["n_pool"])
+    assert int(rows[0]["labels"]) == n_pool and float(rows[0]["fraction"]) == 1.0
+    assert [int(r["labels"]) for r in rows[1:]] == schedule(n_pool, 0.2, 0.2, 0.4) * 2
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert 0.0 <= float(row["balanced_accuracy"]) <= 1.0
+        assert row["jaccard"] == "" and float(row["alpha"]) == 0.25
+        assert float(row["wall_seconds"]) >= float(row["train_seconds"]) > 0
+    assert float(rows[3]["select_seconds"]) > 0 and float(rows[4]["select_seconds"]) == 0
+    folder = finished / "selections"
+    picks = {s: json.loads((folder / f"classification-{s}-seed0.json").read_text())
+             for s in STRATEGIES}  # fmt: skip
+    assert picks["random"]["0"] == picks["confident_coreset"]["0"]  # the paired design
+    for p in picks.values():
+        assert not set(p["1"]) & set(p["0"]) and len(set(p["1"])) == len(p["1"])
+    # round 0 trains the same images with the same seed: identical test metrics
+    assert rows[1]["accuracy"] == rows[3]["accuracy"]
+    assert (finished / "report.md").is_file()
+    assert (finished / "learning-curve-classification.png").stat().st_size > 5_000
+    assert len(list((finished / "cache").glob("images-32px-*.npy"))) == 1
+
+
+def test_resume_from_sidecar_repeats_the_round_exactly(finished: Path, tmp_path: Path) -> None:
+    """Drop the last row (as if killed after its picks were stored): the rerun retrains that
+    round on the sidecar's labeled set and gets the same metrics (CPU training is
+    deterministic)."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    (out / "results.csv").write_text("".join(lines[:-1]))
+    data = json.loads((out / "run.json").read_text())["data"]
+    argv = ["--data", data, "--out", str(out), "--strategies", ",".join(STRATEGIES),
+            "--seeds", "0", *FAST]  # fmt: skip
+    assert simulate.main(argv) == 0
+    before, after = read_csv(finished / "results.csv"), read_csv(out / "results.csv")
+    assert keys(after) == keys(before)
+    assert after[-1]["accuracy"] == before[-1]["accuracy"]
+    for strategy in STRATEGIES:
+        name = f"selections/classification-{strategy}-seed0.json"
+        assert (out / name).read_text() == (finished / name).read_text()
+
+
+@pytest.mark.slow  # a U-Net: the slowest test here
+def test_segmentation_run(layout: Path, tmp_path: Path) -> None:
+    argv = ["--data", str(layout), "--masks", str(layout / "masks"), "--out", str(tmp_path),
+            "--task", "segmentation", "--strategies", "confident_coreset", "--limit", "30",
+            "--no-full", *FAST]  # fmt: skip
+    assert simulate.main(argv) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert [(r["strategy"], r["round"]) for r in rows] == [("confident_coreset", "0"),
+                                                           ("confident_coreset", "1")]  # fmt: skip
+    for row in rows:
+        assert 0.0 <= float(row["jaccard"]) <= float(row["dice"]) <= 1.0
+        assert row["accuracy"] == "" and float(row["alpha"]) == 0.5
+    assert (tmp_path / "learning-curve-segmentation.png").is_file()
+
+
+def test_presets_are_defaults_that_flags_override() -> None:
+    args = parse_args(["--preset", "cpu-cls", "--data", "x"])
+    assert args.image_size == 64 and args.device == "cpu" and args.task == "classification"
+    assert len(args.strategies.split(",")) >= 5 and args.seeds == "0,1,2"
+    assert parse_args(["--preset", "cpu-cls", "--epochs", "7"]).epochs == 7
+    seg = parse_args(["--preset", "cpu-seg"])
+    assert seg.task == "segmentation" and seg.strategies == "random,confident_coreset"
+    gpu = parse_args(["--preset", "gpu"])
+    assert gpu.image_size == 224 and gpu.device == "cuda"
+
+
+def test_cli_errors(
+    layout: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert simulate.main(["--via-api", "http://localhost:8000", "--data", str(layout)]) == 2
+    assert "not yet available" in capsys.readouterr().err
+    assert simulate.main(["--data", str(layout), "--strategies", "random,vaal", *FAST]) == 2
+    assert "unknown strategies" in capsys.readouterr().err
+    argv = ["--data", str(layout), "--out", str(finished), "--strategies", "random", *FAST]
+    assert simulate.main([*argv, "--epochs", "2"]) == 2  # the out folder holds a 1-epoch run
+    assert "other settings (epochs: 1 -> 2)" in capsys.readouterr().err
+    assert simulate.main(["--task", "segmentation"]) == 2
+    assert simulate.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "HAM10000_metadata.csv not found" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "run.json").exists()  # a wrong --data does not pin the folder
+    if not torch.cuda.is_available():
+        cuda = ["--data", str(layout), "--out", str(finished), "--device", "cuda"]
+        assert simulate.main(cuda) == 2
+        assert "no CUDA device" in capsys.readouterr().err
