@@ -46,7 +46,14 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+# At most this many requests hold a session (and so, on SQLite, the write lock) at once, per
+# process. Waiting for a slot holds no worker thread, so the transaction holder always finds a
+# thread to finish on: with more sessions than the thread pool's 40 threads, SQLite writers
+# blocked in busy_timeout could occupy every thread while the lock holder waits for one.
+MAX_CONCURRENT_SESSIONS = 16
+SessionDep = Annotated[
+    Session, Depends(get_session, scope="function", max_concurrency=MAX_CONCURRENT_SESSIONS)
+]
 
 
 def _bearer_token(request: Request) -> str:

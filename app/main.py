@@ -26,6 +26,12 @@ ROUTERS = (
     "app.routers.queue",
     "app.routers.labels",
     "app.routers.rounds",
+    "app.routers.models",
+    "app.routers.ui",
+    "app.routers.export",
+    "app.routers.webhooks",
+    "app.routers.activelearning",
+    "app.routers.labelstudio",
 )
 
 

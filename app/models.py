@@ -247,6 +247,15 @@ class QueueItem(Base):
         UniqueConstraint("round_id", "image_id"),
         UniqueConstraint("round_id", "rank"),
         Index("ix_queue_items_project_order", "project_id", "round_id", "rank"),
+        # The leasing scan walks only items that still need labels (migration 0003).
+        Index(
+            "ix_queue_items_open",
+            "project_id",
+            "round_id",
+            "rank",
+            sqlite_where=text("labels_needed > 0"),
+            postgresql_where=text("labels_needed > 0"),
+        ),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -267,6 +276,7 @@ class Lease(Base):
     __table_args__ = (
         Index("ix_leases_item_state", "queue_item_id", "state"),
         Index("ix_leases_user_state", "user_id", "state"),
+        Index("ix_leases_item_user", "queue_item_id", "user_id"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     queue_item_id: Mapped[int] = mapped_column(ForeignKey("queue_items.id", ondelete="CASCADE"))
@@ -307,3 +317,7 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(50))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Tables defined beside these (same Base): imported so Base.metadata (and Alembic) knows them.
+import app.webhook_models  # noqa: E402, F401

@@ -17,6 +17,15 @@ from pathlib import Path
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: the directory entry itself)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Storage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -44,6 +53,7 @@ class Storage:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

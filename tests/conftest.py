@@ -4,7 +4,8 @@ Each test session creates its own PostgreSQL database (``coreloop_test_<pid>_<n>
 server's ``test`` database, migrates it with Alembic, and drops it at the end, so parallel
 runs never collide. Tests that go through ``client``/``db`` share one connection whose outer
 transaction is rolled back after the test (commits inside become savepoint releases).
-Tests that need real commits across threads or processes use ``fresh_db_url``.
+Tests that need real commits across threads or processes create their own database with
+``new_database_url(kind, directory)`` and migrate it.
 """
 
 from __future__ import annotations
