@@ -1,0 +1,45 @@
+"""Projects: admins create and configure them; everyone signed in can read them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from app.deps import AdminUser, CurrentUser, SessionDep
+from app.models import Project
+from app.schemas.projects import (
+    ProjectCreate,
+    ProjectDetail,
+    ProjectOut,
+    ProjectUpdate,
+    project_out,
+)
+from app.services import projects as service
+
+router = APIRouter(prefix="/projects", tags=["projects"])
+
+
+def _detail(session: SessionDep, project: Project) -> ProjectDetail:
+    counts = service.project_counts(session, project.id)
+    return ProjectDetail(**project_out(project).model_dump(), counts=counts)
+
+
+@router.post("", response_model=ProjectDetail, status_code=status.HTTP_201_CREATED)
+def create_project(body: ProjectCreate, session: SessionDep, _: AdminUser) -> ProjectDetail:
+    return _detail(session, service.create_project(session, body))
+
+
+@router.get("", response_model=list[ProjectOut])
+def list_projects(session: SessionDep, _: CurrentUser) -> list[ProjectOut]:
+    return [project_out(p) for p in service.list_projects(session)]
+
+
+@router.get("/{project_id}", response_model=ProjectDetail)
+def read_project(project_id: int, session: SessionDep, _: CurrentUser) -> ProjectDetail:
+    return _detail(session, service.get_project(session, project_id))
+
+
+@router.patch("/{project_id}", response_model=ProjectDetail)
+def update_project(
+    project_id: int, body: ProjectUpdate, session: SessionDep, _: AdminUser
+) -> ProjectDetail:
+    return _detail(session, service.update_project(session, project_id, body))
