@@ -1,0 +1,386 @@
+"""Labels: validated against the project, append-only, idempotent, counted towards the queue.
+
+A newer label of an image supersedes the older ones; nothing is overwritten. A retry with the
+same idempotency key returns the first label and stores nothing. A label counts towards a
+queue item (``labels_needed`` goes down by one) once per distinct annotator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, exists, insert, literal_column, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound
+from app.models import (
+    AutoRound,
+    Event,
+    Image,
+    Label,
+    LabelSource,
+    Lease,
+    LeaseState,
+    Project,
+    QueueItem,
+    TaskKind,
+    User,
+    utcnow,
+)
+from app.schemas.labels import LabelCreate, LabelOut
+from app.services.masks import Mask, decode_png_mask, decode_rle_mask, store_mask
+from app.services.queue import lock_lease_item, require_project
+from app.services.rounds import maybe_start_auto_round
+from app.services.webhooks import fan_out
+from app.settings import Settings
+from app.storage import Storage
+
+# Statements of the hot path, built once (building one costs more than running it); DML on
+# the tables directly (Core), so that no ORM bookkeeping runs for rows nobody reads back.
+_labels, _leases, _items, _events = (
+    cast(Table, model.__table__) for model in (Label, Lease, QueueItem, Event)
+)
+_ACTIVE, _DONE = LeaseState.active.value, LeaseState.done.value
+_BY_KEY = select(Label.id).where(Label.idempotency_key == bindparam("key"))
+_TARGET = (
+    select(
+        Image.id,
+        Image.height,
+        Image.width,
+        Project.id,
+        Project.task,
+        Project.classes,
+        Project.require_lease,
+        Project.auto_round,
+    )
+    .join(Project, Project.id == Image.project_id)
+    .where(Image.id == bindparam("image_id"))
+)
+_CLASSES = select(Project.classes).where(Project.id == bindparam("project_id"))
+_LEASE = select(
+    Lease.id, Lease.queue_item_id, Lease.image_id, Lease.user_id, Lease.state, Lease.expires_at
+).where(Lease.id == bindparam("lease_id"))
+_INSERT_LABEL = insert(_labels).returning(_labels.c.id)
+_INSERT_EVENT = insert(_events).returning(_events.c.id)
+_OPEN_ITEMS_OF_IMAGE = (
+    select(QueueItem.id)
+    .where(QueueItem.image_id == bindparam("p_image_id"), QueueItem.labels_needed > 0)
+    .order_by(QueueItem.id)
+    .with_for_update(key_share=True)
+)
+_CLOSE_LEASE = (
+    update(_leases)
+    .where(_leases.c.id == bindparam("p_lease_id"), _leases.c.state == _ACTIVE)
+    .values(state=_DONE, updated_at=bindparam("now"))
+)
+_CLOSE_CALLERS_LEASES = (  # the caller's own leases on the image, answered by a lease-less label
+    update(_leases)
+    .where(
+        _leases.c.image_id == bindparam("p_image_id"),
+        _leases.c.user_id == bindparam("p_user_id"),
+        _leases.c.state == _ACTIVE,
+    )
+    .values(state=_DONE, updated_at=bindparam("now"))
+)
+# Decrement labels_needed unless the author labeled the image since the item exists (once per
+# distinct annotator). The item row is locked by then, so a concurrent label of the same author
+# has committed before this statement's snapshot.
+_COUNT_ONCE_PER_AUTHOR = (
+    update(_items)
+    .where(
+        _items.c.id == bindparam("item_id"),
+        _items.c.labels_needed > literal_column("0"),
+        ~exists().where(
+            _labels.c.image_id == bindparam("p_image_id"),
+            _labels.c.author_id == bindparam("p_author_id"),
+            _labels.c.id != bindparam("label_id"),
+            _labels.c.created_at >= _items.c.created_at,
+        ),
+    )
+    .values(labels_needed=_items.c.labels_needed - 1)
+)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The image to label and what its project checks a label against."""
+
+    image_id: int
+    height: int
+    width: int
+    project_id: int
+    task: str
+    classes: list[Any]
+    require_lease: bool
+    auto_round: str
+
+
+@dataclass(frozen=True)
+class _LeaseRow:
+    id: int
+    queue_item_id: int
+    image_id: int
+    user_id: int
+    state: str
+    expires_at: datetime
+
+
+def create_label(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    user: User,
+    data: LabelCreate,
+    mask_png: bytes | None = None,
+    source: LabelSource = LabelSource.human,
+) -> tuple[Label, bool]:
+    """Store a label; returns ``(label, created)`` (``created`` False for an idempotent retry).
+
+    ``source`` records where it came from (a person here, an import, Label Studio).
+    """
+    existing = _by_key(session, data.idempotency_key)
+    if existing is not None:
+        return _replayed(existing, user, data), False
+    target = _target(session, data.image_id)
+    class_index, mask = _validated_content(target, data, mask_png)
+    lease = _checked_lease(session, target, user, data.lease_id)
+    mask_key = store_mask(session, storage, target.project_id, mask) if mask is not None else None
+    values = {
+        "project_id": target.project_id,
+        "image_id": target.image_id,
+        "author_id": user.id,
+        "author_name": user.name,
+        "source": LabelSource(source).value,
+        "class_index": class_index,
+        "mask_key": mask_key,
+        "lease_id": lease.id if lease is not None else None,
+        "idempotency_key": data.idempotency_key,
+        "created_at": utcnow(),
+    }
+    try:
+        with session.begin_nested():
+            label_id = session.execute(_INSERT_LABEL, values).scalar_one()
+    except IntegrityError:  # the same key, committed by a concurrent request meanwhile
+        if mask_key is not None:
+            storage.delete(mask_key)
+        existing = _by_key(session, data.idempotency_key)
+        if existing is None:
+            raise
+        return _replayed(existing, user, data), False
+    label = Label(id=label_id, **values)  # detached: the row is written, nothing to track
+    _count_towards_queue(session, target.image_id, user, lease, label)
+    event = {"label_id": label_id, "image_id": target.image_id, "lease_id": label.lease_id}
+    event_id = session.execute(
+        _INSERT_EVENT,
+        {
+            "project_id": target.project_id,
+            "actor_id": user.id,
+            "kind": "label.created",
+            "payload": event,
+            "created_at": label.created_at,
+        },
+    ).scalar_one()
+    fan_out(
+        session, settings, event_id=event_id, project_id=target.project_id, kind="label.created"
+    )
+    if target.auto_round != AutoRound.off.value:
+        maybe_start_auto_round(session, settings, require_project(session, target.project_id))
+    return label, True
+
+
+def _target(session: Session, image_id: int) -> _Target:
+    row = session.execute(_TARGET, {"image_id": image_id}).first()
+    if row is None:
+        raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
+    return _Target(*row)
+
+
+def _by_key(session: Session, key: str) -> Label | None:
+    label_id = session.scalar(_BY_KEY, {"key": key})
+    return None if label_id is None else session.get(Label, label_id)
+
+
+def _replayed(existing: Label, user: User, data: LabelCreate) -> Label:
+    if existing.author_id != user.id or existing.image_id != data.image_id:
+        raise Conflict(
+            f"Idempotency key {data.idempotency_key!r} was used for another label; "
+            "use a new key for a new label.",
+            code="IdempotencyKeyReused",
+        )
+    return existing
+
+
+def _class_index(target: _Target, data: LabelCreate) -> int:
+    classes = [str(name) for name in target.classes]
+    if data.class_name is not None:
+        if data.class_name not in classes:
+            raise InvalidInput(
+                f"Unknown class {data.class_name!r}; the project's classes are {classes}.",
+                code="InvalidClass",
+            )
+        index = classes.index(data.class_name)
+        if data.class_index is not None and data.class_index != index:
+            raise InvalidInput(
+                f"class_index {data.class_index} and class_name {data.class_name!r} disagree; "
+                "send one of them.",
+                code="InvalidClass",
+            )
+        return index
+    if data.class_index is None:
+        raise InvalidInput(
+            "A classification label needs class_index or class_name.", code="ClassRequired"
+        )
+    if not 0 <= data.class_index < len(classes):
+        raise InvalidInput(
+            f"class_index {data.class_index} is out of range; the project has {len(classes)} "
+            f"classes (0..{len(classes) - 1}): {classes}.",
+            code="InvalidClass",
+        )
+    return data.class_index
+
+
+def _validated_content(
+    target: _Target, data: LabelCreate, mask_png: bytes | None
+) -> tuple[int | None, Mask | None]:
+    """The class index (classification) or the decoded mask (segmentation)."""
+    if data.mask_rle is not None and mask_png is not None:
+        raise InvalidInput("Send the mask once: a PNG file or mask_rle, not both.")
+    has_mask = data.mask_rle is not None or mask_png is not None
+    if target.task == TaskKind.classification.value:
+        if has_mask:
+            raise InvalidInput(
+                f"Project {target.project_id} is a classification project; send a class, "
+                "not a mask.",
+                code="MaskNotAllowed",
+            )
+        return _class_index(target, data), None
+    if data.class_index is not None or data.class_name is not None:
+        raise InvalidInput(
+            f"Project {target.project_id} is a segmentation project; send a mask, not a class.",
+            code="ClassNotAllowed",
+        )
+    expected = (target.height, target.width)
+    if mask_png is not None:
+        return None, decode_png_mask(mask_png, expected)
+    if data.mask_rle is not None:
+        return None, decode_rle_mask(data.mask_rle, expected)
+    raise InvalidInput(
+        "A segmentation label needs a mask: a PNG file field 'mask' or mask_rle.",
+        code="MaskRequired",
+    )
+
+
+def _checked_lease(
+    session: Session, target: _Target, user: User, lease_id: int | None
+) -> _LeaseRow | None:
+    """The caller's lease for this image, its queue item locked; None when none is given."""
+    if lease_id is None:
+        if target.require_lease:
+            raise Forbidden(
+                f"Project {target.project_id} accepts labels only for leased items; take the image "
+                "from GET /queue and send its lease_id.",
+                code="LeaseRequired",
+            )
+        return None
+    lock_lease_item(session, lease_id)
+    row = session.execute(_LEASE, {"lease_id": lease_id}).first()  # read under the item's lock
+    if row is None:
+        raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")
+    lease = _LeaseRow(*row)
+    if lease.user_id != user.id:
+        raise Forbidden(f"Lease {lease_id} belongs to another annotator.", code="LeaseNotYours")
+    if lease.image_id != target.image_id:
+        raise Forbidden(
+            f"Lease {lease_id} is for image {lease.image_id}, not image {target.image_id}.",
+            code="LeaseMismatch",
+        )
+    if lease.state == LeaseState.done.value:  # a correction of the caller's own answer
+        return lease
+    if lease.state != LeaseState.active.value:
+        raise Conflict(
+            f"Lease {lease_id} is {lease.state}; fetch the item again from GET /queue.",
+            code="LeaseNotActive",
+        )
+    if lease.expires_at <= utcnow():
+        raise Conflict(
+            f"Lease {lease_id} expired at {lease.expires_at.isoformat()}; fetch the item "
+            "again from GET /queue.",
+            code="LeaseExpired",
+        )
+    return lease
+
+
+def _count_towards_queue(
+    session: Session, image_id: int, user: User, lease: _LeaseRow | None, label: Label
+) -> None:
+    """Close the caller's lease(s) on the image; count the label once per distinct author."""
+    params = {"now": label.created_at, "p_image_id": image_id, "p_user_id": user.id}
+    if lease is not None:
+        item_ids = [lease.queue_item_id]
+        session.execute(_CLOSE_LEASE, {**params, "p_lease_id": lease.id})
+    else:
+        item_ids = list(session.scalars(_OPEN_ITEMS_OF_IMAGE, params).all())
+        session.execute(_CLOSE_CALLERS_LEASES, params)
+    for item_id in item_ids:
+        session.execute(
+            _COUNT_ONCE_PER_AUTHOR,
+            {
+                "item_id": item_id,
+                "p_image_id": image_id,
+                "p_author_id": user.id,
+                "label_id": label.id,
+            },
+        )
+
+
+def list_image_labels(session: Session, image_id: int) -> list[LabelOut]:
+    """The image's full label history, newest first."""
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
+    project = require_project(session, image.project_id)
+    labels = session.scalars(
+        select(Label).where(Label.image_id == image_id).order_by(Label.id.desc())
+    ).all()
+    return [label_out(label, project.classes) for label in labels]
+
+
+def get_label(session: Session, label_id: int) -> Label:
+    label = session.get(Label, label_id)
+    if label is None:
+        raise NotFound(f"Label {label_id} does not exist.", code="LabelNotFound")
+    return label
+
+
+def label_mask_key(session: Session, label_id: int) -> str:
+    label = get_label(session, label_id)
+    if label.mask_key is None:
+        raise NotFound(f"Label {label_id} is a class label; it has no mask.", code="MaskNotFound")
+    return label.mask_key
+
+
+def label_response(session: Session, label: Label) -> LabelOut:
+    """``label`` as returned by the API (with its class name)."""
+    classes = session.scalar(_CLASSES, {"project_id": label.project_id}) or []
+    return label_out(label, classes)
+
+
+def label_out(label: Label, classes: list[Any]) -> LabelOut:
+    index = label.class_index
+    return LabelOut(
+        id=label.id,
+        project_id=label.project_id,
+        image_id=label.image_id,
+        author_id=label.author_id,
+        author_name=label.author_name,
+        source=label.source,
+        class_index=index,
+        class_name=str(classes[index]) if index is not None and 0 <= index < len(classes) else None,
+        mask_url=f"/labels/{label.id}/mask" if label.mask_key else None,
+        lease_id=label.lease_id,
+        idempotency_key=label.idempotency_key,
+        created_at=label.created_at,
+    )
