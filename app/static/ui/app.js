@@ -1,0 +1,1279 @@
+/* coreloop annotator: a static page over the JSON API (no build step, nothing from the network).
+ *
+ * Auth: an API token kept in localStorage and sent as "Authorization: Bearer" on every call.
+ * Annotate: GET /queue leases the next item; a label (POST /labels) or a skip
+ * (POST /leases/{id}/skip) moves on. Every label carries an idempotency key that is reused when
+ * the same answer is sent again, so a retried click never labels twice.
+ * Admin (role "admin"): project stats, rounds (start, live phase, cancel), learning curve (SVG)
+ * and model versions.
+ */
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "coreloop.token";
+  const PROJECT_KEY = "coreloop.project";
+  const ROUND_POLL_MS = 1500;
+  const ACTIVE_ROUND = new Set(["queued", "training", "scoring", "selecting"]);
+  const PREFERRED_METRICS = {
+    classification: ["balanced_accuracy", "accuracy"],
+    segmentation: ["dice", "jaccard", "dice_global", "jaccard_global"],
+  };
+  const MASK_RGBA = [0, 190, 255, 120];
+  const UNDO_LIMIT = 30;
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    token: null,
+    me: null,
+    projects: [],
+    project: null, // ProjectDetail
+    view: "annotate",
+    entry: null, // the QueueEntry being labeled
+    image: null, // ImageDetail of the entry
+    busy: false,
+    generation: 0, // bumps on every project switch or sign-out: late answers are dropped
+    photoUrl: null,
+    done: { labeled: 0, skipped: 0 },
+    seg: null, // {w, h, mask, predicted, undo, tool, radius, version, painting, last}
+    renewTimer: null,
+    roundTimer: null,
+    activeRound: null,
+    rounds: [],
+    models: [],
+  };
+
+  // ---------------------------------------------------------------------------------------
+  // API
+
+  class ApiError extends Error {
+    constructor(code, detail, status) {
+      super(`${code}: ${detail}`);
+      this.code = code;
+      this.detail = detail;
+      this.status = status;
+    }
+  }
+
+  function formatDetail(detail) {
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail
+        .map((e) => (e && e.msg ? `${(e.loc || []).join(".")}: ${e.msg}` : JSON.stringify(e)))
+        .join("; ");
+    }
+    return detail == null ? "" : JSON.stringify(detail);
+  }
+
+  async function api(path, { method = "GET", json, form, raw = false, token } = {}) {
+    const headers = { Authorization: `Bearer ${token || state.token}` };
+    let body;
+    if (json !== undefined) {
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify(json);
+    } else if (form !== undefined) {
+      body = form;
+    }
+    let response;
+    try {
+      response = await fetch(path, { method, headers, body, cache: raw ? "default" : "no-store" });
+    } catch (err) {
+      throw new ApiError(
+        "NetworkError",
+        "The server could not be reached. Check the connection and try again; nothing was lost.",
+        0,
+      );
+    }
+    if (!response.ok) {
+      let code = `HTTP${response.status}`;
+      let detail = response.statusText || "The request failed.";
+      try {
+        const envelope = await response.json();
+        if (envelope && envelope.error) code = envelope.error;
+        if (envelope && envelope.detail !== undefined) detail = formatDetail(envelope.detail);
+      } catch (err) {
+        /* not JSON: keep the status line */
+      }
+      throw new ApiError(code, detail, response.status);
+    }
+    if (raw) return response;
+    return response.status === 204 ? null : response.json();
+  }
+
+  async function fetchObjectUrl(path) {
+    const response = await api(path, { raw: true });
+    return URL.createObjectURL(await response.blob());
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Messages
+
+  function showError(err) {
+    const known = err instanceof ApiError;
+    $("error-code").textContent = known ? `${err.code}:` : "Error:";
+    $("error-detail").textContent = known ? err.detail : String(err && err.message ? err.message : err);
+    $("error").hidden = false;
+    if (known && err.status === 401 && state.me) signOut({ keepError: true });
+  }
+
+  function clearError() {
+    $("error").hidden = true;
+  }
+
+  function announce(text) {
+    $("announcer").textContent = text;
+  }
+
+  /** Run ``fn``; show any failure in the page. Returns fn's value, or undefined on failure. */
+  async function guarded(fn) {
+    try {
+      return await fn();
+    } catch (err) {
+      showError(err);
+      return undefined;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Idempotency keys
+
+  function uuid4() {
+    if (window.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+    // Not a secure context (plain http on a LAN address): build a v4 UUID by hand.
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+
+  /** The same answer for the same lease reuses its key: a retry never labels twice. */
+  function keyFor(entry, answer) {
+    if (!entry.pending || entry.pending.answer !== answer) {
+      entry.pending = { answer, key: uuid4() };
+    }
+    return entry.pending.key;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Sign in / out
+
+  async function signIn(token) {
+    const me = await api("/users/me", { token });
+    state.token = token;
+    state.me = me;
+    localStorage.setItem(TOKEN_KEY, token);
+    $("who-name").textContent = me.name;
+    $("who-role").textContent = me.role;
+    $("who").hidden = false;
+    $("signin").hidden = true;
+    $("workspace").hidden = false;
+    $("tab-admin").hidden = me.role !== "admin";
+    document.querySelector(".tabs").hidden = me.role !== "admin";
+    await loadProjects();
+  }
+
+  function signOut({ keepError = false } = {}) {
+    const entry = state.entry;
+    if (entry && state.token) {
+      // Give the item back so another annotator can take it now (best effort).
+      api(`/leases/${entry.lease_id}/release`, { method: "POST" }).catch(() => {});
+    }
+    stopTimers();
+    state.generation += 1;
+    state.token = null;
+    state.me = null;
+    state.project = null;
+    state.entry = null;
+    localStorage.removeItem(TOKEN_KEY);
+    $("who").hidden = true;
+    $("workspace").hidden = true;
+    $("signin").hidden = false;
+    $("token").value = "";
+    if (!keepError) clearError();
+    selectView("annotate", { focus: false });
+    $("token").focus();
+  }
+
+  function stopTimers() {
+    clearTimeout(state.renewTimer);
+    clearTimeout(state.roundTimer);
+    state.renewTimer = null;
+    state.roundTimer = null;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Projects
+
+  async function loadProjects() {
+    state.projects = await api("/projects");
+    const select = $("project");
+    select.replaceChildren(
+      ...state.projects.map((p) => new Option(`${p.name} (${p.task})`, String(p.id))),
+    );
+    if (!state.projects.length) {
+      setItemTitle("No projects yet", "");
+      showEmpty("There are no projects yet. An admin creates one with POST /projects.");
+      $("progress-text").textContent = "No project";
+      return;
+    }
+    const saved = localStorage.getItem(PROJECT_KEY);
+    const chosen = state.projects.some((p) => String(p.id) === saved) ? saved : String(state.projects[0].id);
+    select.value = chosen;
+    await selectProject(Number(chosen));
+  }
+
+  async function selectProject(projectId) {
+    const previous = state.entry;
+    if (previous) api(`/leases/${previous.lease_id}/release`, { method: "POST" }).catch(() => {});
+    stopTimers();
+    state.generation += 1;
+    state.entry = null;
+    state.done = { labeled: 0, skipped: 0 };
+    localStorage.setItem(PROJECT_KEY, String(projectId));
+    state.project = await api(`/projects/${projectId}`);
+    buildPanels();
+    renderProgress();
+    updateBanner();
+    if (state.view === "admin") await refreshAdmin();
+    else await loadNext();
+  }
+
+  async function refreshProject() {
+    if (!state.project) return;
+    const generation = state.generation;
+    const project = await api(`/projects/${state.project.id}`);
+    if (generation !== state.generation) return;
+    state.project = project;
+    renderProgress();
+  }
+
+  function renderProgress() {
+    const p = state.project;
+    if (!p) return;
+    const c = p.counts;
+    const pool = c.images.pool || 0;
+    $("progress-text").textContent =
+      `Labeled ${c.labeled} of ${pool} pool images · ${c.queued} waiting in the queue` +
+      (c.leased ? ` · ${c.leased} being labeled now` : "");
+    $("session-text").textContent =
+      `This session: ${state.done.labeled} labeled, ${state.done.skipped} skipped`;
+    const bar = $("progress-bar");
+    bar.max = Math.max(pool, 1);
+    bar.value = Math.min(c.labeled, bar.max);
+  }
+
+  function isSynthetic() {
+    const meta = state.image && state.image.meta;
+    const byMeta = Boolean(meta && (meta.synthetic === true || meta.synthetic === "true"));
+    const byName = Boolean(state.project && /synthetic/i.test(state.project.name));
+    return byMeta || byName;
+  }
+
+  function updateBanner() {
+    $("synthetic-banner").hidden = !isSynthetic();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Views (tabs)
+
+  function selectView(view, { focus = true } = {}) {
+    state.view = view;
+    const tabs = { annotate: $("tab-annotate"), admin: $("tab-admin") };
+    for (const [name, tab] of Object.entries(tabs)) {
+      const selected = name === view;
+      tab.setAttribute("aria-selected", String(selected));
+      tab.tabIndex = selected ? 0 : -1;
+      $(`view-${name}`).hidden = !selected;
+    }
+    if (focus) tabs[view].focus();
+    clearTimeout(state.roundTimer);
+    if (!state.project) return;
+    if (view === "admin") guarded(refreshAdmin);
+    else if (!state.entry) guarded(loadNext);
+  }
+
+  function onTabKey(event) {
+    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+    if ($("tab-admin").hidden) return;
+    event.preventDefault();
+    selectView(state.view === "annotate" ? "admin" : "annotate");
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // The queue
+
+  function setItemTitle(title, meta) {
+    $("item-title").textContent = title;
+    $("item-meta").textContent = meta;
+  }
+
+  function showEmpty(text) {
+    $("stage").dataset.state = "empty";
+    delete $("stage").dataset.imageId;
+    $("stage-box").hidden = true;
+    $("empty").hidden = false;
+    $("empty-text").textContent = text;
+    setActionsEnabled(false);
+  }
+
+  function setActionsEnabled(enabled) {
+    const panel = document.querySelector(".panel");
+    for (const button of panel.querySelectorAll("button.btn")) {
+      button.setAttribute("aria-disabled", String(!enabled));
+    }
+  }
+
+  function ready() {
+    return Boolean(state.entry) && !state.busy && $("stage").dataset.state === "ready";
+  }
+
+  async function loadNext() {
+    if (!state.project) return;
+    const generation = state.generation;
+    const project = state.project;
+    clearTimeout(state.renewTimer);
+    state.entry = null;
+    state.image = null;
+    state.busy = true;
+    $("stage").dataset.state = "loading";
+    setActionsEnabled(false);
+    try {
+      const entries = await api(`/queue?project_id=${project.id}&limit=1`);
+      if (generation !== state.generation) return;
+      if (!entries.length) {
+        setItemTitle("All done for now", "");
+        showEmpty(
+          "Nothing to label right now: every queued image of this project is labeled or being " +
+            "labeled. An admin starts the next round to queue more.",
+        );
+        updateBanner();
+        refreshProject().catch(showError);
+        return;
+      }
+      await showEntry(entries[0], generation);
+    } finally {
+      if (generation === state.generation) state.busy = false;
+    }
+  }
+
+  async function showEntry(entry, generation) {
+    const [image, url] = await Promise.all([
+      api(`/images/${entry.image_id}`),
+      fetchObjectUrl(entry.image_url),
+    ]);
+    if (generation !== state.generation) {
+      URL.revokeObjectURL(url);
+      return;
+    }
+    const photo = $("photo");
+    if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
+    state.photoUrl = url;
+    photo.src = url;
+    photo.alt = `Image ${image.id} (${image.filename}) to label`;
+    await photo.decode().catch(() => {});
+    sizeStage(image.width, image.height);
+    state.entry = entry;
+    state.image = image;
+    if (state.project.task === "segmentation") await setupMask(entry, image, generation);
+    else renderSuggestion(entry);
+    if (generation !== state.generation) return;
+    const modelNote = entry.prediction ? ` · model v${entry.prediction.model_version_id}` : "";
+    setItemTitle(
+      `Image #${image.id}`,
+      `${image.filename} · ${image.width}×${image.height} · round ${entry.round}, rank ${entry.rank}${modelNote}`,
+    );
+    $("empty").hidden = true;
+    $("stage-box").hidden = false;
+    $("stage").dataset.imageId = String(image.id);
+    $("stage").dataset.state = "ready";
+    setActionsEnabled(true);
+    if (state.project.task === "segmentation") updateSegButtons();
+    updateBanner();
+    scheduleRenew(entry);
+    announce(`Image ${image.id} ready to label.`);
+  }
+
+  function sizeStage(width, height) {
+    const box = $("stage-box");
+    const ratio = width / height;
+    box.style.aspectRatio = `${width} / ${height}`;
+    // As wide as the column allows, and short enough to keep the tools and the whole image in
+    // view (the header and progress take about 340 px).
+    const tallest = "max(240px, 100vh - 340px)";
+    box.style.width = `min(100%, calc(${tallest} * ${ratio.toFixed(4)}), ${Math.max(width, 640)}px)`;
+  }
+
+  /** Renew the lease halfway to its expiry while the image is on screen. */
+  function scheduleRenew(entry) {
+    clearTimeout(state.renewTimer);
+    const left = new Date(entry.expires_at).getTime() - Date.now();
+    const wait = Math.max(5000, left / 2);
+    state.renewTimer = setTimeout(async () => {
+      if (state.entry !== entry) return;
+      try {
+        const lease = await api(`/leases/${entry.lease_id}/renew`, { method: "POST" });
+        entry.expires_at = lease.expires_at;
+        scheduleRenew(entry);
+      } catch (err) {
+        showError(err);
+      }
+    }, wait);
+  }
+
+  /** After a lease error the item is gone from us: show the error and fetch the next one. */
+  function leaseGone(err) {
+    return err instanceof ApiError && ["LeaseExpired", "LeaseNotActive", "LeaseNotYours", "LeaseNotFound"].includes(err.code);
+  }
+
+  async function submitLabel(body, describe) {
+    if (!ready()) return;
+    const entry = state.entry;
+    state.busy = true;
+    setActionsEnabled(false);
+    try {
+      const label = await api("/labels", body);
+      clearError();
+      state.done.labeled += 1;
+      announce(`Labeled image ${label.image_id}${describe ? ` as ${describe}` : ""}.`);
+      state.busy = false;
+      await loadNext();
+      await refreshProject();
+    } catch (err) {
+      state.busy = false;
+      showError(err);
+      if (leaseGone(err)) await guarded(loadNext);
+      else if (state.entry === entry) setActionsEnabled(true);
+    }
+  }
+
+  async function skip() {
+    if (!ready()) return;
+    const entry = state.entry;
+    state.busy = true;
+    setActionsEnabled(false);
+    try {
+      await api(`/leases/${entry.lease_id}/skip`, { method: "POST" });
+      clearError();
+      state.done.skipped += 1;
+      announce(`Skipped image ${entry.image_id}.`);
+      state.busy = false;
+      await loadNext();
+      await refreshProject();
+    } catch (err) {
+      state.busy = false;
+      showError(err);
+      if (leaseGone(err)) await guarded(loadNext);
+      else if (state.entry === entry) setActionsEnabled(true);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Classification
+
+  function buildPanels() {
+    const p = state.project;
+    const seg = p.task === "segmentation";
+    $("cls-panel").hidden = seg;
+    $("seg-panel").hidden = !seg;
+    $("mask-canvas").hidden = !seg;
+    const buttons = p.classes.map((name, index) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "btn class-btn";
+      button.dataset.index = String(index);
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      const label = document.createElement("span");
+      label.className = "name";
+      label.textContent = name;
+      const prob = document.createElement("span");
+      prob.className = "prob";
+      const parts = [bar];
+      if (index < 9) {
+        const kbd = document.createElement("kbd");
+        kbd.textContent = String(index + 1);
+        parts.push(kbd);
+        button.setAttribute("aria-keyshortcuts", String(index + 1));
+      }
+      parts.push(label, prob);
+      button.append(...parts);
+      button.addEventListener("click", () => labelClass(index));
+      return button;
+    });
+    $("class-buttons").replaceChildren(...buttons);
+    renderHints();
+  }
+
+  function renderHints() {
+    const seg = state.project.task === "segmentation";
+    const n = Math.min(state.project.classes.length, 9);
+    const hints = seg
+      ? [
+          ["B", "brush"], ["E", "eraser"], ["[ ]", "smaller / larger brush"],
+          ["P", "start again from the prediction"], ["C", "clear the mask"],
+          ["Ctrl+Z", "undo a stroke"], ["Enter", "submit the mask"], ["S", "skip this image"],
+        ]
+      : [
+          [n > 1 ? `1–${n}` : "1", "label with that class"],
+          ["A", "accept the model's suggestion"],
+          ["S", "skip this image"],
+        ];
+    $("hint-list").replaceChildren(
+      ...hints.map(([keys, what]) => {
+        const li = document.createElement("li");
+        const kbd = document.createElement("kbd");
+        kbd.textContent = keys;
+        li.append(kbd, ` ${what}`);
+        return li;
+      }),
+    );
+  }
+
+  function suggestedIndex(entry) {
+    const probs = entry && entry.prediction && entry.prediction.class_probs;
+    if (!probs || !probs.length) return -1;
+    let best = 0;
+    probs.forEach((v, i) => {
+      if (v > probs[best]) best = i;
+    });
+    return best;
+  }
+
+  function renderSuggestion(entry) {
+    const probs = (entry.prediction && entry.prediction.class_probs) || null;
+    const best = suggestedIndex(entry);
+    for (const button of $("class-buttons").children) {
+      const index = Number(button.dataset.index);
+      const p = probs && probs[index] != null ? probs[index] : null;
+      button.querySelector(".prob").textContent = p == null ? "" : `${Math.round(p * 100)}%`;
+      button.querySelector(".bar").style.width = p == null ? "0" : `${(p * 100).toFixed(1)}%`;
+      button.classList.toggle("suggested", index === best);
+    }
+    const out = $("suggestion");
+    out.replaceChildren();
+    if (best < 0) {
+      out.textContent = "No model suggestion for this image yet.";
+      return;
+    }
+    const strong = document.createElement("strong");
+    strong.textContent = state.project.classes[best];
+    out.append("The model suggests ", strong, ` (${Math.round(probs[best] * 100)}%). Press A to accept.`);
+  }
+
+  function labelClass(index) {
+    if (!ready()) return;
+    const entry = state.entry;
+    const classes = state.project.classes;
+    if (index < 0 || index >= classes.length) return;
+    submitLabel(
+      {
+        method: "POST",
+        json: {
+          image_id: entry.image_id,
+          lease_id: entry.lease_id,
+          idempotency_key: keyFor(entry, `class:${index}`),
+          class_index: index,
+        },
+      },
+      classes[index],
+    );
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Segmentation: the mask is a Uint8Array (1 = lesion) at the image's own resolution
+
+  async function setupMask(entry, image, generation) {
+    const w = image.width;
+    const h = image.height;
+    const canvas = $("mask-canvas");
+    canvas.width = w;
+    canvas.height = h;
+    const radius = Math.max(1, Math.round(Math.min(w, h) / 24));
+    const slider = $("brush-size");
+    slider.max = String(Math.max(8, Math.round(Math.min(w, h) / 4)));
+    const previous = state.seg;
+    state.seg = {
+      w, h,
+      mask: new Uint8Array(w * h),
+      predicted: null,
+      undo: [],
+      tool: previous ? previous.tool : "brush",
+      radius: previous && previous.w === w ? previous.radius : radius,
+      version: 0,
+      painting: false,
+      last: null,
+    };
+    setRadius(state.seg.radius);
+    setTool(state.seg.tool);
+    const maskUrl = entry.prediction && entry.prediction.mask_url;
+    if (maskUrl) {
+      try {
+        state.seg.predicted = await loadPredictedMask(maskUrl, w, h);
+        if (generation !== state.generation) return;
+        state.seg.mask.set(state.seg.predicted);
+      } catch (err) {
+        showError(err);
+      }
+    }
+    $("seg-source").replaceChildren();
+    if (state.seg.predicted) {
+      const strong = document.createElement("strong");
+      strong.textContent = "the model's predicted mask";
+      $("seg-source").append("Starting from ", strong, ". Correct it with the brush and eraser, or submit it as it is.");
+    } else {
+      $("seg-source").textContent = "No predicted mask for this image: paint the lesion with the brush.";
+    }
+    renderMask();
+  }
+
+  async function loadPredictedMask(path, w, h) {
+    const response = await api(path, { raw: true });
+    const bitmap = await createImageBitmap(await response.blob());
+    const scratch = document.createElement("canvas");
+    scratch.width = w;
+    scratch.height = h;
+    const ctx = scratch.getContext("2d", { willReadFrequently: true });
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(bitmap, 0, 0, w, h);
+    const rgba = ctx.getImageData(0, 0, w, h).data;
+    const mask = new Uint8Array(w * h);
+    for (let i = 0; i < mask.length; i += 1) mask[i] = rgba[i * 4] > 127 ? 1 : 0;
+    return mask;
+  }
+
+  let renderQueued = false;
+  function renderMask() {
+    renderQueued = false;
+    const seg = state.seg;
+    if (!seg) return;
+    const ctx = $("mask-canvas").getContext("2d");
+    const pixels = ctx.createImageData(seg.w, seg.h);
+    const out = pixels.data;
+    const [r, g, b, a] = MASK_RGBA;
+    let painted = 0;
+    for (let i = 0; i < seg.mask.length; i += 1) {
+      if (!seg.mask[i]) continue;
+      painted += 1;
+      const o = i * 4;
+      out[o] = r;
+      out[o + 1] = g;
+      out[o + 2] = b;
+      out[o + 3] = a;
+    }
+    ctx.putImageData(pixels, 0, 0);
+    const share = (100 * painted) / seg.mask.length;
+    $("mask-coverage").textContent = `The mask covers ${share.toFixed(1)}% of the image (${painted} pixels).`;
+  }
+
+  function queueRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(renderMask);
+  }
+
+  function setTool(tool) {
+    if (!state.seg) return;
+    state.seg.tool = tool;
+    $("tool-brush").setAttribute("aria-pressed", String(tool === "brush"));
+    $("tool-eraser").setAttribute("aria-pressed", String(tool === "eraser"));
+  }
+
+  function setRadius(radius) {
+    const slider = $("brush-size");
+    const value = Math.max(Number(slider.min), Math.min(Number(slider.max), Math.round(radius)));
+    slider.value = String(value);
+    $("brush-size-out").textContent = String(value);
+    if (state.seg) state.seg.radius = value;
+  }
+
+  function pushUndo() {
+    const seg = state.seg;
+    seg.undo.push(seg.mask.slice());
+    if (seg.undo.length > UNDO_LIMIT) seg.undo.shift();
+  }
+
+  function changed() {
+    state.seg.version += 1;
+    updateSegButtons();
+    queueRender();
+  }
+
+  function updateSegButtons() {
+    const seg = state.seg;
+    const on = ready();
+    $("mask-undo").setAttribute("aria-disabled", String(!on || !seg || !seg.undo.length));
+    $("mask-reset").setAttribute("aria-disabled", String(!on || !seg || !seg.predicted));
+  }
+
+  /** Set every pixel whose centre lies within the brush disc around (x, y) (image pixels). */
+  function stamp(x, y) {
+    const seg = state.seg;
+    const r = seg.radius;
+    const value = seg.tool === "brush" ? 1 : 0;
+    const x0 = Math.max(0, Math.floor(x - r));
+    const x1 = Math.min(seg.w - 1, Math.ceil(x + r));
+    const y0 = Math.max(0, Math.floor(y - r));
+    const y1 = Math.min(seg.h - 1, Math.ceil(y + r));
+    const r2 = r * r;
+    for (let j = y0; j <= y1; j += 1) {
+      const dy = j + 0.5 - y;
+      for (let i = x0; i <= x1; i += 1) {
+        const dx = i + 0.5 - x;
+        if (dx * dx + dy * dy <= r2) seg.mask[j * seg.w + i] = value;
+      }
+    }
+  }
+
+  function strokeTo(from, to) {
+    const steps = Math.max(1, Math.ceil(Math.hypot(to.x - from.x, to.y - from.y) / Math.max(0.5, state.seg.radius / 2)));
+    for (let s = 1; s <= steps; s += 1) {
+      const t = s / steps;
+      stamp(from.x + (to.x - from.x) * t, from.y + (to.y - from.y) * t);
+    }
+  }
+
+  function toImage(event) {
+    const rect = $("mask-canvas").getBoundingClientRect();
+    return {
+      x: ((event.clientX - rect.left) / rect.width) * state.seg.w,
+      y: ((event.clientY - rect.top) / rect.height) * state.seg.h,
+    };
+  }
+
+  function moveCursor(event) {
+    const seg = state.seg;
+    const cursor = $("brush-cursor");
+    if (!seg) return;
+    const rect = $("mask-canvas").getBoundingClientRect();
+    const size = Math.max(4, ((2 * seg.radius) / seg.w) * rect.width);
+    cursor.style.width = `${size}px`;
+    cursor.style.height = `${size}px`;
+    cursor.style.left = `${event.clientX - rect.left}px`;
+    cursor.style.top = `${event.clientY - rect.top}px`;
+    cursor.hidden = false;
+  }
+
+  function onPointerDown(event) {
+    if (!ready() || !state.seg || event.button !== 0) return;
+    event.preventDefault();
+    $("mask-canvas").setPointerCapture(event.pointerId);
+    pushUndo();
+    const seg = state.seg;
+    seg.painting = true;
+    seg.last = toImage(event);
+    stamp(seg.last.x, seg.last.y);
+    queueRender();
+  }
+
+  function onPointerMove(event) {
+    moveCursor(event);
+    const seg = state.seg;
+    if (!seg || !seg.painting) return;
+    const point = toImage(event);
+    strokeTo(seg.last, point);
+    seg.last = point;
+    queueRender();
+  }
+
+  function onPointerUp() {
+    const seg = state.seg;
+    if (!seg || !seg.painting) return;
+    seg.painting = false;
+    seg.last = null;
+    changed();
+  }
+
+  function undo() {
+    const seg = state.seg;
+    if (!ready() || !seg || !seg.undo.length) return;
+    seg.mask = seg.undo.pop();
+    changed();
+  }
+
+  function resetToPrediction() {
+    const seg = state.seg;
+    if (!ready() || !seg || !seg.predicted) return;
+    pushUndo();
+    seg.mask.set(seg.predicted);
+    changed();
+  }
+
+  function clearMask() {
+    const seg = state.seg;
+    if (!ready() || !seg) return;
+    pushUndo();
+    seg.mask.fill(0);
+    changed();
+  }
+
+  /** The mask as an 8-bit PNG holding 0 and 255 (grey: the three colour channels agree). */
+  function maskPng() {
+    const seg = state.seg;
+    const canvas = document.createElement("canvas");
+    canvas.width = seg.w;
+    canvas.height = seg.h;
+    const ctx = canvas.getContext("2d");
+    const pixels = ctx.createImageData(seg.w, seg.h);
+    const out = pixels.data;
+    for (let i = 0; i < seg.mask.length; i += 1) {
+      const v = seg.mask[i] ? 255 : 0;
+      const o = i * 4;
+      out[o] = v;
+      out[o + 1] = v;
+      out[o + 2] = v;
+      out[o + 3] = 255;
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return new Promise((resolve, reject) => {
+      canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("The mask could not be encoded as PNG."))), "image/png");
+    });
+  }
+
+  async function submitMask() {
+    if (!ready() || !state.seg) return;
+    const entry = state.entry;
+    const form = new FormData();
+    form.append("image_id", String(entry.image_id));
+    form.append("lease_id", String(entry.lease_id));
+    form.append("idempotency_key", keyFor(entry, `mask:${state.seg.version}`));
+    form.append("mask", await maskPng(), "mask.png");
+    await submitLabel({ method: "POST", form }, "");
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Keyboard
+
+  function onKey(event) {
+    if (state.view !== "annotate" || !state.project || $("workspace").hidden) return;
+    const target = event.target;
+    if (target && target.closest && target.closest("input, select, textarea, [role='tab']")) return;
+    const key = event.key;
+    const seg = state.project.task === "segmentation";
+    if ((event.ctrlKey || event.metaKey) && key.toLowerCase() === "z" && seg) {
+      event.preventDefault();
+      undo();
+      return;
+    }
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const lower = key.toLowerCase();
+    if (lower === "s") {
+      event.preventDefault();
+      skip();
+      return;
+    }
+    if (!seg) {
+      if (/^[1-9]$/.test(key)) {
+        event.preventDefault();
+        labelClass(Number(key) - 1);
+      } else if (lower === "a" && state.entry && suggestedIndex(state.entry) >= 0) {
+        event.preventDefault();
+        labelClass(suggestedIndex(state.entry));
+      }
+      return;
+    }
+    const actions = {
+      b: () => setTool("brush"),
+      e: () => setTool("eraser"),
+      "[": () => setRadius(state.seg.radius - 1),
+      "]": () => setRadius(state.seg.radius + 1),
+      p: resetToPrediction,
+      c: clearMask,
+    };
+    if (key === "Enter") {
+      if (target && target.closest && target.closest("button, a, summary")) return; // activates it
+      event.preventDefault();
+      guarded(submitMask);
+    } else if (actions[lower] && state.seg) {
+      event.preventDefault();
+      actions[lower]();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Admin
+
+  async function refreshAdmin() {
+    const p = state.project;
+    if (!p || !state.me || state.me.role !== "admin") return;
+    const generation = state.generation;
+    const [project, rounds, models] = await Promise.all([
+      api(`/projects/${p.id}`),
+      api(`/rounds?project_id=${p.id}`),
+      api(`/projects/${p.id}/models`),
+    ]);
+    if (generation !== state.generation) return;
+    state.project = project;
+    state.rounds = rounds;
+    state.models = models;
+    renderProgress();
+    renderStats();
+    renderMetricChoices();
+    renderCurve();
+    renderModels();
+    const active = rounds.find((r) => ACTIVE_ROUND.has(r.status));
+    const latest = active || rounds[rounds.length - 1] || null;
+    showRound(latest);
+    if (active) pollRound(active.id, generation);
+  }
+
+  function renderStats() {
+    const p = state.project;
+    const c = p.counts;
+    const budget = Number.isInteger(p.budget) ? `${p.budget} images` : `${Math.round(p.budget * 100)}% of the pool`;
+    const facts = [
+      ["Task", p.task],
+      ["Classes", p.classes.join(", ")],
+      ["Strategy", `${p.strategy.replaceAll("_", " ")} (α ${p.alpha})`],
+      ["Budget per round", budget],
+    ];
+    $("facts").replaceChildren(...facts.map(([name, value]) => term("div", name, value)));
+    const counts = [
+      ["Pool images", c.images.pool || 0],
+      ["Val images", c.images.val || 0],
+      ["Test images", c.images.test || 0],
+      ["Labeled", c.labeled],
+      ["In the queue", c.queued],
+      ["Leased now", c.leased],
+      ["Rounds", c.rounds],
+    ];
+    $("stats").replaceChildren(...counts.map(([name, value]) => term("div", name, value)));
+  }
+
+  function term(tag, name, value) {
+    const wrap = document.createElement(tag);
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = String(value);
+    wrap.append(dt, dd);
+    return wrap;
+  }
+
+  function showRound(round) {
+    state.activeRound = round && ACTIVE_ROUND.has(round.status) ? round : null;
+    $("round-start").disabled = Boolean(state.activeRound);
+    $("round-cancel").hidden = !state.activeRound || round.cancel_requested;
+    if (!round) {
+      $("round-status").hidden = true;
+      return;
+    }
+    $("round-status").hidden = false;
+    $("round-name").textContent = `Round ${round.number}`;
+    const phase = $("round-phase");
+    const phaseName = round.progress && round.progress.phase && round.status !== "done" ? round.progress.phase : round.status;
+    phase.textContent = round.cancel_requested && ACTIVE_ROUND.has(round.status) ? `${phaseName} (cancelling)` : phaseName;
+    phase.className = `phase ${round.status}`;
+    const fraction = progressFraction(round);
+    const bar = $("round-progress");
+    if (round.status === "done") {
+      bar.value = 1;
+    } else if (fraction == null) {
+      bar.removeAttribute("value"); // indeterminate
+    } else {
+      bar.value = fraction;
+    }
+    $("round-detail").textContent = roundDetail(round);
+  }
+
+  function progressFraction(round) {
+    const p = round.progress || {};
+    if (p.epochs && p.epoch != null) return Math.min(1, p.epoch / p.epochs);
+    if (p.total && p.scored != null) return Math.min(1, p.scored / p.total);
+    if (p.total && p.loaded != null) return Math.min(1, p.loaded / p.total);
+    return null;
+  }
+
+  function roundDetail(round) {
+    const p = round.progress || {};
+    if (round.status === "failed") return `Failed: ${round.error || "no error recorded"}`;
+    if (round.status === "queued") {
+      return "Waiting for a worker to pick it up (the worker trains, scores the pool, then queues the next batch).";
+    }
+    if (round.status === "done") {
+      const metric = pickMetric(round.test_metrics);
+      const shown = metric ? ` · test ${metric} ${fmt(round.test_metrics[metric])}` : "";
+      return `Done: trained on ${round.labeled_count ?? "?"} labels${shown}.`;
+    }
+    if (round.status === "cancelled") return "Cancelled.";
+    const parts = [];
+    if (p.step) parts.push(p.step);
+    if (p.epochs) parts.push(`epoch ${p.epoch ?? 0} of ${p.epochs}`);
+    if (p.total && p.scored != null) parts.push(`${p.scored} of ${p.total} pool images scored`);
+    if (p.total && p.loaded != null) parts.push(`${p.loaded} of ${p.total} images loaded`);
+    if (p.budget) parts.push(`selecting ${p.budget}`);
+    return parts.join(" · ");
+  }
+
+  function pollRound(roundId, generation) {
+    clearTimeout(state.roundTimer);
+    state.roundTimer = setTimeout(async () => {
+      if (generation !== state.generation || state.view !== "admin") return;
+      try {
+        const round = await api(`/rounds/${roundId}`);
+        if (generation !== state.generation) return;
+        showRound(round);
+        if (ACTIVE_ROUND.has(round.status)) pollRound(roundId, generation);
+        else await refreshAdmin();
+      } catch (err) {
+        showError(err);
+      }
+    }, ROUND_POLL_MS);
+  }
+
+  async function startRound() {
+    const p = state.project;
+    const button = $("round-start");
+    if (button.disabled) return;
+    button.disabled = true; // one click, one round (a second would get 409 anyway)
+    let round;
+    try {
+      round = await api("/rounds", { method: "POST", json: { project_id: p.id } });
+    } catch (err) {
+      button.disabled = false;
+      throw err;
+    }
+    clearError();
+    announce(`Round ${round.number} ${round.status}.`);
+    await refreshAdmin();
+  }
+
+  async function cancelRound() {
+    const round = state.activeRound;
+    if (!round) return;
+    const updated = await api(`/rounds/${round.id}/cancel`, { method: "POST" });
+    showRound(updated);
+    if (!ACTIVE_ROUND.has(updated.status)) await refreshAdmin();
+  }
+
+  function fmt(value) {
+    return typeof value === "number" ? value.toFixed(3) : "–";
+  }
+
+  function numericKeys(metrics) {
+    if (!metrics) return [];
+    return Object.keys(metrics).filter((k) => typeof metrics[k] === "number" && k !== "n");
+  }
+
+  function pickMetric(metrics) {
+    const chosen = $("curve-metric").value;
+    const keys = numericKeys(metrics);
+    if (chosen && keys.includes(chosen)) return chosen;
+    const preferred = PREFERRED_METRICS[state.project.task] || [];
+    return preferred.find((k) => keys.includes(k)) || keys[0] || null;
+  }
+
+  function renderMetricChoices() {
+    const select = $("curve-metric");
+    const keys = new Set();
+    for (const r of state.rounds) numericKeys(r.test_metrics).forEach((k) => keys.add(k));
+    const previous = select.value;
+    const preferred = PREFERRED_METRICS[state.project.task] || [];
+    const ordered = [...preferred.filter((k) => keys.has(k)), ...[...keys].filter((k) => !preferred.includes(k)).sort()];
+    select.replaceChildren(...ordered.map((k) => new Option(k.replaceAll("_", " "), k)));
+    select.disabled = !ordered.length;
+    if (ordered.includes(previous)) select.value = previous;
+  }
+
+  function curvePoints() {
+    const metric = $("curve-metric").value;
+    if (!metric) return [];
+    return state.rounds
+      .filter((r) => r.test_metrics && typeof r.test_metrics[metric] === "number" && r.labeled_count != null)
+      .map((r) => ({ x: r.labeled_count, y: r.test_metrics[metric], round: r.number }));
+  }
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  function svgEl(name, attrs, text) {
+    const el = document.createElementNS(SVG_NS, name);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+    if (text != null) el.textContent = text;
+    return el;
+  }
+
+  function niceStep(span) {
+    const raw = span / 5;
+    const power = 10 ** Math.floor(Math.log10(raw || 1));
+    const scaled = raw / power;
+    return (scaled <= 1 ? 1 : scaled <= 2 ? 2 : scaled <= 5 ? 5 : 10) * power;
+  }
+
+  function renderCurve() {
+    const points = curvePoints();
+    const metric = $("curve-metric").value;
+    const holder = $("curve");
+    const table = $("curve-table");
+    if (!points.length) {
+      const p = document.createElement("p");
+      p.className = "muted";
+      p.textContent = "No finished round with a test metric yet: the curve appears after the first round.";
+      holder.replaceChildren(p);
+      table.replaceChildren();
+      return;
+    }
+    const W = 640, H = 280, left = 56, right = 20, top = 18, bottom = 46;
+    const xMax = Math.max(...points.map((p) => p.x)) * 1.05 || 1;
+    const yMaxData = Math.max(...points.map((p) => p.y));
+    const yMax = yMaxData <= 1 ? 1 : yMaxData * 1.1;
+    const sx = (x) => left + (x / xMax) * (W - left - right);
+    const sy = (y) => top + (1 - y / yMax) * (H - top - bottom);
+    const svg = svgEl("svg", {
+      viewBox: `0 0 ${W} ${H}`,
+      role: "img",
+      "aria-labelledby": "curve-svg-title",
+    });
+    svg.append(svgEl("title", { id: "curve-svg-title" }, `Learning curve: test ${metric} against labeled images, ${points.length} rounds`));
+    for (let i = 0; i <= 4; i += 1) {
+      const y = (yMax * i) / 4;
+      svg.append(svgEl("line", { class: "grid", x1: left, x2: W - right, y1: sy(y), y2: sy(y) }));
+      svg.append(svgEl("text", { class: "tick", x: left - 8, y: sy(y) + 4, "text-anchor": "end" }, y.toFixed(2)));
+    }
+    const step = niceStep(xMax);
+    for (let x = 0; x <= xMax; x += step) {
+      svg.append(svgEl("line", { class: "axis", x1: sx(x), x2: sx(x), y1: H - bottom, y2: H - bottom + 5 }));
+      svg.append(svgEl("text", { class: "tick", x: sx(x), y: H - bottom + 18, "text-anchor": "middle" }, String(Math.round(x))));
+    }
+    svg.append(svgEl("line", { class: "axis", x1: left, x2: W - right, y1: H - bottom, y2: H - bottom }));
+    svg.append(svgEl("line", { class: "axis", x1: left, x2: left, y1: top, y2: H - bottom }));
+    svg.append(svgEl("text", { class: "axis-label", x: (left + W - right) / 2, y: H - 8, "text-anchor": "middle" }, "labeled images"));
+    svg.append(svgEl("text", { class: "axis-label", x: 14, y: (top + H - bottom) / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${(top + H - bottom) / 2})` }, `test ${metric.replaceAll("_", " ")}`));
+    svg.append(svgEl("polyline", { class: "line", points: points.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" ") }));
+    for (const p of points) {
+      const dot = svgEl("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r: 5 });
+      dot.append(svgEl("title", {}, `Round ${p.round}: ${p.x} labels, ${metric} ${fmt(p.y)}`));
+      svg.append(dot);
+      svg.append(svgEl("text", { class: "point-label", x: sx(p.x), y: sy(p.y) - 10, "text-anchor": "middle" }, fmt(p.y)));
+    }
+    holder.replaceChildren(svg);
+    fillTable(table, ["Round", "Labeled images", `Test ${metric.replaceAll("_", " ")}`], points.map((p) => [p.round, p.x, fmt(p.y)]));
+  }
+
+  function fillTable(table, headers, rows) {
+    const thead = document.createElement("thead");
+    const headRow = document.createElement("tr");
+    for (const h of headers) {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = h;
+      headRow.append(th);
+    }
+    thead.append(headRow);
+    const tbody = document.createElement("tbody");
+    for (const row of rows) {
+      const tr = document.createElement("tr");
+      for (const cell of row) {
+        const td = document.createElement("td");
+        if (cell instanceof Node) td.append(cell);
+        else td.textContent = String(cell);
+        tr.append(td);
+      }
+      tbody.append(tr);
+    }
+    table.replaceChildren(thead, tbody);
+  }
+
+  function renderModels() {
+    const table = $("models-table");
+    if (!state.models.length) {
+      const caption = document.createElement("caption");
+      caption.className = "muted";
+      caption.textContent = "No trained model yet.";
+      table.replaceChildren(caption);
+      return;
+    }
+    const metric = pickMetric(state.models[0].test_metrics) || $("curve-metric").value;
+    const rows = state.models.map((m) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "btn small";
+      button.textContent = "Download";
+      button.setAttribute("aria-label", `Download model version ${m.id}`);
+      button.addEventListener("click", () => guarded(() => download(m)));
+      const value = m.test_metrics && metric ? m.test_metrics[metric] : null;
+      return [
+        `v${m.id}`,
+        `Round ${m.round_number}`,
+        m.labeled_count ?? "–",
+        fmt(value),
+        new Date(m.created_at).toLocaleString(),
+        m.sha256.slice(0, 12),
+        button,
+      ];
+    });
+    const metricName = metric ? `Test ${metric.replaceAll("_", " ")}` : "Test metric";
+    fillTable(table, ["Version", "Round", "Labels", metricName, "Created", "SHA-256", "Checkpoint"], rows);
+  }
+
+  async function download(model) {
+    const response = await api(model.download_url, { raw: true });
+    const disposition = response.headers.get("content-disposition") || "";
+    const match = /filename="([^"]+)"/.exec(disposition);
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = match ? match[1] : `model-${model.id}.pt`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Wiring
+
+  function wire() {
+    $("signin-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token").value.trim();
+      if (!token) return;
+      clearError();
+      guarded(() => signIn(token));
+    });
+    $("sign-out").addEventListener("click", () => signOut());
+    $("error-close").addEventListener("click", clearError);
+    $("project").addEventListener("change", (event) => guarded(() => selectProject(Number(event.target.value))));
+    $("tab-annotate").addEventListener("click", () => selectView("annotate"));
+    $("tab-admin").addEventListener("click", () => selectView("admin"));
+    $("tab-annotate").addEventListener("keydown", onTabKey);
+    $("tab-admin").addEventListener("keydown", onTabKey);
+    $("refresh-queue").addEventListener("click", () => guarded(loadNext));
+    $("skip").addEventListener("click", () => skip());
+    $("tool-brush").addEventListener("click", () => setTool("brush"));
+    $("tool-eraser").addEventListener("click", () => setTool("eraser"));
+    $("brush-size").addEventListener("input", (event) => setRadius(Number(event.target.value)));
+    $("mask-undo").addEventListener("click", undo);
+    $("mask-reset").addEventListener("click", resetToPrediction);
+    $("mask-clear").addEventListener("click", clearMask);
+    $("mask-submit").addEventListener("click", () => guarded(submitMask));
+    const canvas = $("mask-canvas");
+    canvas.addEventListener("pointerdown", onPointerDown);
+    canvas.addEventListener("pointermove", onPointerMove);
+    canvas.addEventListener("pointerup", onPointerUp);
+    canvas.addEventListener("pointercancel", onPointerUp);
+    canvas.addEventListener("pointerleave", () => ($("brush-cursor").hidden = true));
+    $("round-start").addEventListener("click", () => guarded(startRound));
+    $("round-cancel").addEventListener("click", () => guarded(cancelRound));
+    $("curve-metric").addEventListener("change", () => {
+      renderCurve();
+      renderModels();
+    });
+    document.addEventListener("keydown", onKey);
+  }
+
+  async function start() {
+    wire();
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (!token) {
+      $("signin").hidden = false;
+      return;
+    }
+    try {
+      await signIn(token);
+    } catch (err) {
+      signOut();
+      showError(err);
+    }
+  }
+
+  start();
+})();
