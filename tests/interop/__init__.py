@@ -1,0 +1,1 @@
+"""Interop tests: coreloop against real third-party servers run as subprocesses."""
