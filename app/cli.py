@@ -1,0 +1,304 @@
+"""The ``coreloop`` command line: serve, db, users, import, bench (and more, by name).
+
+Each subcommand is a ``Command`` in ``COMMANDS``: a function that adds its arguments and one
+that runs it and returns the exit code. Expected errors (bad input, unknown project, an
+existing user) print one line and exit with 2; no traceback. Settings come from
+``app.settings.get_settings()`` (``CORELOOP_`` environment variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import CoreloopError
+from app.settings import Settings, get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Upgrade the schema (a no-op when current); a session factory until the block ends."""
+    from app.db import make_engine, make_sessionmaker
+    from app.migrate import upgrade
+
+    engine = make_engine(settings)
+    try:
+        upgrade(engine)
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def _upgrade(settings: Settings) -> None:
+    with _database(settings):
+        pass
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=_positive_int, default=1, help="uvicorn processes")
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="do not start the embedded Celery worker (scale-out: run `coreloop worker`)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """The API, plus (embedded default) a worker child process that lives as long as it."""
+    import uvicorn
+
+    settings = get_settings()
+    _upgrade(settings)
+    worker = None
+    if settings.embedded_worker and not args.no_worker:
+        from worker.embedded import start_worker  # imports neither Celery nor torch
+
+        worker = start_worker(settings)
+        _say(f"started the embedded worker (pid {worker.pid})")
+    try:
+        uvicorn.run(
+            "app.main:create_app", factory=True, host=args.host, port=args.port,
+            workers=args.workers,
+        )  # fmt: skip
+    finally:
+        if worker is not None:
+            from worker.embedded import stop_worker
+
+            stop_worker(worker)
+    return EXIT_OK
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+def _configure_db(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="db_command", required=True, metavar="{upgrade}")
+    sub.add_parser("upgrade", help="upgrade the schema to the newest migration")
+
+
+def _run_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine.url import make_url
+
+    settings = get_settings()
+    _upgrade(settings)
+    print(f"database {make_url(settings.db_url).render_as_string()} is up to date")
+    return EXIT_OK
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def _configure_users(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="users_command", required=True, metavar="{create}")
+    create = sub.add_parser("create", help="create a user and print their API token once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", choices=["admin", "annotator"], default="annotator")
+
+
+def _run_users(args: argparse.Namespace) -> int:
+    from app.db import unit_of_work
+    from app.services.users import create_user
+
+    with _database(get_settings()) as sessions, unit_of_work(sessions) as session:
+        user, token = create_user(session, args.name, args.role)
+        name, role = user.name, user.role
+    print(f"created {role} {name!r}; API token:")
+    print(token)
+    print("The token is shown only once; store it now (send it as 'Authorization: Bearer ...').")
+    return EXIT_OK
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+def _configure_import(parser: argparse.ArgumentParser) -> None:
+    from app.importer import LAYOUTS
+
+    parser.add_argument("--project", required=True, help="project name or id")
+    parser.add_argument("--images", required=True, type=Path, help="folder of images")
+    parser.add_argument("--csv", type=Path, help="metadata CSV (HAM10000: the metadata file)")
+    parser.add_argument("--masks", type=Path, help="folder of <id>_segmentation.png masks")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ham10000")
+    parser.add_argument("--split", choices=["pool", "val", "test"], default="pool")
+    parser.add_argument("--with-labels", action="store_true", help="also import the labels")
+    parser.add_argument("--limit", type=_positive_int, help="import at most N images")
+    parser.add_argument("--batch-size", type=_positive_int, default=200)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from app.importer import ImportOptions, import_images
+    from app.storage import Storage
+
+    settings = get_settings()
+    options = ImportOptions(
+        layout=args.layout,
+        csv_path=args.csv,
+        masks_dir=args.masks,
+        split=args.split,
+        with_labels=args.with_labels,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    storage = Storage(settings.files_dir)
+    with _database(settings) as sessions:
+        result = import_images(sessions, storage, settings, args.project, args.images, options)
+    for message in result.messages[:20]:
+        _say(f"skipped {message}")
+    if result.errors > 20:
+        _say(f"... and {result.errors - 20} more")
+    print(
+        f"created {result.created}, duplicates {result.duplicates}, "
+        f"labeled {result.labeled}, errors {result.errors}"
+    )
+    return EXIT_FAILED if result.errors else EXIT_OK
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{select}")
+    # No arguments of its own (not even -h): everything after ``select`` goes to ml.bench.
+    sub.add_parser("select", help="the selection benchmark (ml.bench)", add_help=False)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ml.bench import main as bench_main  # torch: imported only when asked for
+
+    return int(bench_main(list(args.forwarded)) or 0)
+
+
+# -- commands implemented elsewhere -------------------------------------------------------------
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command whose own parser (in its module) reads the forwarded arguments."""
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from worker.main import main as worker_main
+
+    return int(worker_main(list(args.forwarded)) or 0)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from ml.simulate import main as simulate_main  # torch: imported only when asked for
+
+    return int(simulate_main(list(args.forwarded)) or 0)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from ml.report import main as report_main
+
+    return int(report_main(list(args.forwarded)) or 0)
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from app.demo import configure
+
+    configure(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from app.demo import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("run the API (upgrades the database first)", _configure_serve, _run_serve),
+    "db": Command("database schema commands", _configure_db, _run_db),
+    "users": Command("manage users", _configure_users, _run_users),
+    "import": Command("import a folder of images (and labels)", _configure_import, _run_import),
+    "bench": Command("benchmarks (needs the ml extra)", _configure_bench, _run_bench),
+    "worker": Command("run a Celery worker (coreloop worker -h)", _no_arguments, _run_worker),
+    "demo": Command("the whole system on this machine, in minutes", _configure_demo, _run_demo),
+    "simulate": Command(
+        "the active-learning benchmark with an oracle annotator (coreloop simulate -h)",
+        _no_arguments,
+        _run_simulate,
+    ),
+    "report": Command("plots and tables from a simulate CSV", _no_arguments, _run_report),
+}
+
+
+# Commands whose unknown arguments are passed on (to a tool with its own parser).
+FORWARDING = {"bench", "worker", "simulate", "report"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coreloop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        # A forwarding command's own parser answers -h (``coreloop simulate -h``).
+        add_help = name not in FORWARDING or name == "bench"
+        parser_ = sub.add_parser(
+            name, help=command.help, description=command.help, add_help=add_help
+        )
+        command.configure(parser_)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (``argparse`` exits 2 itself on bad usage)."""
+    parser = build_parser()
+    args, forwarded = parser.parse_known_args(argv)
+    if forwarded and args.command not in FORWARDING:
+        parser.error(f"unrecognized arguments: {' '.join(forwarded)}")
+    args.forwarded = forwarded
+    try:
+        return COMMANDS[args.command].run(args)
+    except CoreloopError as exc:
+        _say(f"error: {exc.detail}")
+        return EXIT_USAGE
+    except ValidationError as exc:  # settings from CORELOOP_ variables
+        _say(f"error: invalid settings (CORELOOP_ environment variables): {exc}")
+        return EXIT_USAGE
+    except OperationalError as exc:
+        _say(f"error: the database cannot be used: {exc.orig or exc}")
+        return EXIT_FAILED
+    except OSError as exc:
+        _say(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

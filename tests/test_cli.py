@@ -1,0 +1,170 @@
+"""The CLI, in-process: ``main([...])`` with settings from CORELOOP_ environment variables."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import inspect
+
+from app.cli import main
+from app.db import make_engine, make_sessionmaker, unit_of_work
+from app.main import create_app
+from app.schemas.projects import ProjectCreate
+from app.services.projects import create_project
+from app.settings import get_settings
+from tests.conftest import new_database_url
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_kind: str) -> Iterator[Path]:
+    """CORELOOP_DATA_DIR in tmp_path; the database is a fresh SQLite file or PostgreSQL db."""
+    monkeypatch.setenv("CORELOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CORELOOP_DATABASE_URL", new_database_url(db_kind, tmp_path))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def _token_from(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("cl_"))
+
+
+def test_users_create_prints_a_token_that_authenticates(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["users", "create", "--name", "alice", "--role", "admin"]) == 0
+    out = capsys.readouterr().out
+    assert "shown only once" in out
+    token = _token_from(out)
+    with TestClient(create_app(get_settings())) as client:
+        me = client.get("/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200
+    assert me.json() == {**me.json(), "name": "alice", "role": "admin"}
+
+
+def test_duplicate_user_is_a_friendly_error(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["users", "create", "--name", "bob"]) == 0
+    capsys.readouterr()
+    assert main(["users", "create", "--name", "bob"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ")
+    assert "bob" in captured.err and "Traceback" not in captured.err
+    assert "cl_" not in captured.out
+
+
+def test_db_upgrade_creates_the_schema(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "upgrade"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    engine = make_engine(get_settings())
+    try:
+        tables = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"users", "projects", "images", "labels", "alembic_version"} <= tables
+
+
+def _make_project(name: str, classes: list[str]) -> None:
+    engine = make_engine(get_settings())
+    try:
+        with unit_of_work(make_sessionmaker(engine)) as session:
+            create_project(
+                session, ProjectCreate(name=name, task="classification", classes=classes)
+            )
+    finally:
+        engine.dispose()
+
+
+def test_import_folders_with_labels(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "upgrade"]) == 0
+    _make_project("derm", ["benign", "malignant"])
+    for n in range(3):
+        folder = env / "set" / ("benign" if n else "malignant")
+        folder.mkdir(parents=True, exist_ok=True)
+        PILImage.new("RGB", (8, 8), (n * 50, 0, 0)).save(folder / f"{n}.png")
+    argv = ["import", "--project", "derm", "--images", str(env / "set"), "--layout", "folders"]
+    argv += ["--with-labels", "--split", "test", "--no-progress"]
+    assert main(argv) == 0
+    assert "created 3, duplicates 0, labeled 3, errors 0" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "created 0, duplicates 3, labeled 0, errors 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["import", "--project", "ghost", "--images", "."], "ghost"),
+        (["import", "--project", "derm", "--images", "/no/such/dir"], "not found"),
+    ],
+)
+def test_import_errors_are_friendly(
+    env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    _make_project("derm", ["a", "b"])
+    capsys.readouterr()
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["users", "create"],
+        ["users", "create", "--name", "x", "--role", "boss"],
+        ["import", "--project", "p", "--images", ".", "--layout", "coco"],
+        ["import", "--project", "p", "--images", ".", "--limit", "0"],
+        ["serve", "--port", "http"],
+        ["db", "upgrade", "--extra"],
+    ],
+)
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_serve_upgrades_then_runs_uvicorn(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append((a, kw)))
+    assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--no-worker"]) == 0
+    expected = {"factory": True, "host": "0.0.0.0", "port": 8123, "workers": 1}
+    assert calls == [(("app.main:create_app",), expected)]
+    engine = make_engine(get_settings())
+    try:
+        assert "users" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_bench_select_forwards_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("ml.bench")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ml.bench", fake)
+    assert main(["bench", "select", "--rounds", "3", "-h", "pos"]) == 0
+    assert seen == [["--rounds", "3", "-h", "pos"]]
+
+
+def test_invalid_settings_are_a_friendly_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CORELOOP_MAX_UPLOAD_BYTES", "lots")
+    get_settings.cache_clear()
+    try:
+        assert main(["db", "upgrade"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid settings") and "Traceback" not in err
