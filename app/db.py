@@ -3,18 +3,34 @@
 SQLite (the embedded default) is shared by two writing processes, the API and the worker.
 SQLAlchemy's defaults lose updates there (pysqlite opens transactions lazily and never with
 a write lock), so every transaction here starts with ``BEGIN IMMEDIATE``: one writer at a
-time, readers unblocked thanks to WAL, waiting writers retried by ``busy_timeout``.
+time, readers unblocked thanks to WAL, waiting writers retried until ``busy_timeout``.
 See ``shared/design/ENVIRONMENT.md`` ("SQLite shared by the API and the worker").
+
+Within one process the writers also queue on a FIFO lock (:class:`WriterLock`) taken just
+before ``BEGIN IMMEDIATE`` and released once the transaction has committed or rolled back: a
+waiting thread wakes as soon as the lock is free, in arrival order. Without it every waiter
+polls in SQLite's busy handler (sleeps of up to 100 ms) and some starve for seconds under load.
+Writers of different processes (the worker, more API workers) meet at the database lock:
+``BEGIN IMMEDIATE`` is tried again every 0.5 ms (not SQLite's busy handler, whose sleeps grow
+to 100 ms), one thread per process at a time.
+A connection with the execution option ``read_only=True`` starts a plain (deferred) ``BEGIN``
+instead: a snapshot read that neither takes nor waits for the write lock.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
@@ -28,10 +44,118 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+class WriterLock:
+    """A FIFO lock for the writers of one SQLite database within this process.
+
+    Released by whichever thread ends the transaction (a request may begin it in one worker
+    thread and commit in another), so it is a hand-over lock, not an ``RLock``.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Lock] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float) -> bool:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=timeout):
+            return True  # handed over by release()
+        with self._mutex:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                return True  # handed over between the timeout and now
+        return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # hand over: stays held
+            else:
+                self._held = False
+
+
+_writer_locks: dict[str, WriterLock] = {}
+_writer_locks_mutex = threading.Lock()
+
+
+def _writer_lock(database: str) -> WriterLock:
+    """The process's lock for ``database`` (shared by every engine on that file)."""
+    key = str(Path(database).resolve()) if database and database != ":memory:" else ""
+    with _writer_locks_mutex:
+        if not key:
+            return WriterLock()  # a private in-memory database: one engine only
+        return _writer_locks.setdefault(key, WriterLock())
+
+
+class _WriterConnection(sqlite3.Connection):
+    """A pysqlite connection that releases the writer lock when its transaction ends."""
+
+    writer_lock: WriterLock | None = None
+    holds_writer_lock = False
+
+    def _release_writer_lock(self) -> None:
+        if self.holds_writer_lock and not self.in_transaction:
+            self.holds_writer_lock = False
+            assert self.writer_lock is not None
+            self.writer_lock.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._release_writer_lock()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release_writer_lock()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.holds_writer_lock:
+                self.holds_writer_lock = False
+                assert self.writer_lock is not None
+                self.writer_lock.release()
+
+
+_POLL_SECONDS = 0.0005
+
+
+def _begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float) -> None:
+    """``BEGIN IMMEDIATE``, tried again every 0.5 ms while another process writes.
+
+    SQLite's own busy handler sleeps up to 100 ms between tries, so a writer of another
+    process (the worker, another API worker) would go on waiting long after the lock is free.
+    """
+    dbapi_conn.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                dbapi_conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+            time.sleep(_POLL_SECONDS)
+    finally:
+        dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, lock: WriterLock) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_conn.writer_lock = lock
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
@@ -41,26 +165,42 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("read_only"):
+            conn.exec_driver_sql("BEGIN")
+            return
+        dbapi_conn = conn.connection.dbapi_connection
+        deadline = time.monotonic() + busy_timeout_ms / 1000  # for both waits together
+        if not lock.acquire(timeout=busy_timeout_ms / 1000):
+            raise OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError("database is locked (writer queue of this process)"),
+            )
+        dbapi_conn.holds_writer_lock = True
+        try:
+            _begin_immediate(dbapi_conn, busy_timeout_ms, deadline)
+        except BaseException:
+            dbapi_conn.holds_writer_lock = False
+            lock.release()
+            raise
 
 
 def make_engine(settings: Settings) -> Engine:
     """Create the engine for ``settings.database_url`` (SQLite file dirs are created)."""
     url = normalise_url(settings.db_url)
     if url.startswith("sqlite"):
-        db_path = make_url(url).database
+        db_path = make_url(url).database or ""
         if db_path and db_path != ":memory:":
-            from pathlib import Path
-
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
             connect_args={
                 "check_same_thread": False,
                 "timeout": settings.sqlite_busy_timeout_ms / 1000,
+                "factory": _WriterConnection,
             },
         )
-        _configure_sqlite(engine, settings.sqlite_busy_timeout_ms)
+        _configure_sqlite(engine, settings.sqlite_busy_timeout_ms, _writer_lock(db_path))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

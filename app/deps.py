@@ -3,31 +3,46 @@
 The session dependency runs with ``scope="function"``: its exit code (commit, then the
 after-commit callbacks such as sending a job) runs when the path function returns and
 *before* the response is sent, so a client never sees a success that did not commit.
+
+The hot paths (GET /queue, POST /labels) use :func:`in_unit_of_work` instead: the whole
+transaction, from the first statement to the commit and its callbacks, in ONE worker-thread
+step. With ``SessionDep`` a transaction spans several thread-pool hops (dependency, path
+function, response validation, dependency exit), each a trip through the busy event loop, and
+on SQLite the database's write lock is held across all of them.
+
+The caller is resolved without the request's session (so authenticating takes no write lock)
+and cached for :data:`AUTH_CACHE_TTL_SECONDS` (see :class:`AuthCache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar, cast
 
+import anyio
 from fastapi import Depends, Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import commit, rollback
+from app.db import commit, rollback, unit_of_work
 from app.errors import Forbidden, Unauthorized
 from app.models import Role, User
 from app.security import hash_token
 from app.settings import Settings
 from app.storage import Storage
 
+T = TypeVar("T")
 
-def get_settings_dep(request: Request) -> Settings:
+
+# ``async`` so that FastAPI calls them on the event loop, not through a worker thread.
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -56,6 +71,25 @@ SessionDep = Annotated[
 ]
 
 
+async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
+    """``work(session)`` and the commit (then its callbacks) in one worker-thread step.
+
+    The request-boundary equivalent of ``SessionDep`` for ``async`` path functions: rolled
+    back if ``work`` raises; at most ``MAX_CONCURRENT_SESSIONS`` at once per process. The
+    thread is held from the first statement to the commit, so no transaction waits for one.
+    """
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "unit_of_work_limiter", None)
+    if limiter is None:
+        limiter = state.unit_of_work_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_SESSIONS)
+
+    def run() -> T:
+        with unit_of_work(state.sessions) as session:
+            return work(session)
+
+    return await anyio.to_thread.run_sync(run, limiter=limiter)
+
+
 def _bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -66,9 +100,77 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def current_user(request: Request, session: SessionDep) -> User:
-    token = _bearer_token(request)
-    user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
+# How long a token stays resolved without asking the database. Users are never deleted and
+# tokens never change (there is no endpoint for either), so this bounds how long a row changed
+# behind the API's back (the CLI, SQL) goes unnoticed by a running server: 5 seconds.
+AUTH_CACHE_TTL_SECONDS = 5.0
+_AUTH_CACHE_MAX_ENTRIES = 10_000
+
+
+_users = cast(Table, User.__table__)
+_USER_BY_TOKEN_HASH = select(_users).where(_users.c.token_hash == bindparam("token_hash"))
+
+
+class AuthCache:
+    """Token hash -> the user's columns, for ``ttl`` seconds; unknown tokens are not cached.
+
+    Each request gets its own detached ``User`` built from the cached columns (never one
+    shared object). A miss reads the row in its own short session, read-only (on SQLite a
+    deferred transaction, which neither takes nor waits for the write lock), not in the
+    request's unit of work.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        ttl: float = AUTH_CACHE_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sessions = sessions
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._mutex = threading.Lock()
+
+    def get(self, token_hash: str) -> User | None:
+        """The cached user, or None when unknown or older than the TTL."""
+        entry = self._entries.get(token_hash)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return User(**entry[1])
+
+    def load(self, token_hash: str) -> User | None:
+        """Read the user from the database and cache it (blocking: call it in a thread)."""
+        with self._sessions() as session:
+            # Read-only on an engine (see app.db); a test's session joins its connection as is.
+            read_only = {"read_only": True} if isinstance(session.get_bind(), Engine) else None
+            conn = session.connection(execution_options=read_only)
+            row = conn.execute(_USER_BY_TOKEN_HASH, {"token_hash": token_hash}).first()
+        if row is None:
+            return None
+        values = dict(row._mapping)
+        with self._mutex:
+            if len(self._entries) >= _AUTH_CACHE_MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[token_hash] = (self._clock() + self._ttl, values)
+        return User(**values)
+
+
+def _auth_cache(request: Request) -> AuthCache:
+    state = request.app.state
+    cache: AuthCache | None = getattr(state, "auth_cache", None)
+    if cache is None:
+        cache = state.auth_cache = AuthCache(state.sessions)
+    return cache
+
+
+async def current_user(request: Request) -> User:
+    """The caller: a detached ``User`` (its columns only; not in any session)."""
+    token_hash = hash_token(_bearer_token(request))
+    cache = _auth_cache(request)
+    user = cache.get(token_hash)
+    if user is None:
+        user = await anyio.to_thread.run_sync(cache.load, token_hash)
     if user is None:
         raise Unauthorized("The token is not valid; ask an admin for a new one.")
     return user
@@ -77,7 +179,7 @@ def current_user(request: Request, session: SessionDep) -> User:
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def require_admin(user: CurrentUser) -> User:
+async def require_admin(user: CurrentUser) -> User:
     if user.role != Role.admin:
         raise Forbidden(f"This needs the admin role; user {user.name!r} is an {user.role}.")
     return user

@@ -408,16 +408,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=None,
-        help="uvicorn worker processes (default: 1 on SQLite, one writer at a time anyway; "
-        "2 on PostgreSQL)",
+        default=2,
+        help="uvicorn worker processes (default 2; on SQLite too: one writer at a time, but "
+        "the HTTP and Python work of a request runs in parallel in the other process)",
     )
     parser.add_argument("--items", type=int, default=20_000, help="queue items to label")
     parser.add_argument("--overlap", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.workers is None:
-        args.workers = 1 if args.db == "sqlite" else 2
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

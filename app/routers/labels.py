@@ -9,9 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from app.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.deps import CurrentUser, SessionDep, SettingsDep, StorageDep, in_unit_of_work
 from app.errors import CoreloopError, InvalidInput, PayloadTooLarge
 from app.schemas.labels import LabelCreate, LabelOut
 from app.services import labels as labels_service
@@ -96,21 +97,26 @@ LabelBody = Annotated[LabelSubmission, Depends(label_submission)]
     status_code=201,
     responses={200: {"model": LabelOut, "description": "A retry: the first label, unchanged"}},
 )
-def create_label(
+async def create_label(
     submission: LabelBody,
+    request: Request,
     response: Response,
-    session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     user: CurrentUser,
 ) -> LabelOut:
     """Store a label (201), or return the first one for a repeated idempotency key (200)."""
-    label, created = labels_service.create_label(
-        session, settings, storage, user, submission.data, submission.mask_png
-    )
+
+    # The hot path: the transaction in one worker-thread step (see app.deps.in_unit_of_work).
+    def work(session: Session) -> tuple[LabelOut, bool]:
+        return labels_service.submit_label(
+            session, settings, storage, user, submission.data, submission.mask_png
+        )
+
+    out, created = await in_unit_of_work(request, work)
     if not created:
         response.status_code = 200
-    return labels_service.label_response(session, label)
+    return out
 
 
 @router.get("/labels/{label_id}")

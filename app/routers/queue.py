@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.deps import CurrentUser, SessionDep, SettingsDep, StorageDep, in_unit_of_work
 from app.schemas.queue import LeaseOut, QueueEntry
 from app.services import queue as queue_service
 
@@ -14,9 +14,9 @@ router = APIRouter(tags=["queue"])
 
 
 @router.get("/queue")
-def get_queue(
+async def get_queue(
     project_id: int,
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1)] = 10,
@@ -25,7 +25,11 @@ def get_queue(
 
     ``limit`` is capped by the server's ``queue_max_limit``.
     """
-    return queue_service.lease_next_items(session, settings, user, project_id, limit)
+    # The hot path: the transaction in one worker-thread step (see app.deps.in_unit_of_work).
+    return await in_unit_of_work(
+        request,
+        lambda session: queue_service.lease_next_items(session, settings, user, project_id, limit),
+    )
 
 
 @router.post("/leases/{lease_id}/renew")

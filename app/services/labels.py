@@ -11,8 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, insert, literal_column, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    exists,
+    insert,
+    literal_column,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -37,9 +47,10 @@ from app.services.rounds import maybe_start_auto_round
 from app.services.webhooks import fan_out
 from app.settings import Settings
 from app.storage import Storage
+from app.webhook_models import WebhookSubscription
 
-# Statements of the hot path, built once (building one costs more than running it); DML on
-# the tables directly (Core), so that no ORM bookkeeping runs for rows nobody reads back.
+# Statements of the hot path, built once (building one costs more than running it), run on the
+# session's connection (Core), so that no ORM bookkeeping runs for rows nobody reads back.
 _labels, _leases, _items, _events = (
     cast(Table, model.__table__) for model in (Label, Lease, QueueItem, Event)
 )
@@ -55,6 +66,13 @@ _TARGET = (
         Project.classes,
         Project.require_lease,
         Project.auto_round,
+        # Whether fan_out may have anything to do (most projects have no webhook).
+        exists()
+        .where(
+            WebhookSubscription.project_id == Project.id,
+            WebhookSubscription.active.is_(true()),
+        )
+        .label("has_webhooks"),
     )
     .join(Project, Project.id == Image.project_id)
     .where(Image.id == bindparam("image_id"))
@@ -63,7 +81,16 @@ _CLASSES = select(Project.classes).where(Project.id == bindparam("project_id"))
 _LEASE = select(
     Lease.id, Lease.queue_item_id, Lease.image_id, Lease.user_id, Lease.state, Lease.expires_at
 ).where(Lease.id == bindparam("lease_id"))
-_INSERT_LABEL = insert(_labels).returning(_labels.c.id)
+# A repeated idempotency key inserts nothing (and returns no id), also when the first label
+# commits concurrently: no savepoint needed around the insert.
+_INSERT_LABEL = {
+    "postgresql": postgresql.insert(_labels)
+    .on_conflict_do_nothing(index_elements=[_labels.c.idempotency_key])
+    .returning(_labels.c.id),
+    "sqlite": sqlite.insert(_labels)
+    .on_conflict_do_nothing(index_elements=[_labels.c.idempotency_key])
+    .returning(_labels.c.id),
+}
 _INSERT_EVENT = insert(_events).returning(_events.c.id)
 _OPEN_ITEMS_OF_IMAGE = (
     select(QueueItem.id)
@@ -116,6 +143,7 @@ class _Target:
     classes: list[Any]
     require_lease: bool
     auto_round: str
+    has_webhooks: bool
 
 
 @dataclass(frozen=True)
@@ -141,12 +169,42 @@ def create_label(
 
     ``source`` records where it came from (a person here, an import, Label Studio).
     """
-    existing = _by_key(session, data.idempotency_key)
+    label, created, _ = _create_label(session, settings, storage, user, data, mask_png, source)
+    return label, created
+
+
+def submit_label(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    user: User,
+    data: LabelCreate,
+    mask_png: bytes | None = None,
+) -> tuple[LabelOut, bool]:
+    """:func:`create_label` for POST /labels: the label as returned by the API, and created."""
+    label, created, classes = _create_label(session, settings, storage, user, data, mask_png)
+    if classes is None:
+        return label_response(session, label), created
+    return label_out(label, classes), created
+
+
+def _create_label(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    user: User,
+    data: LabelCreate,
+    mask_png: bytes | None = None,
+    source: LabelSource = LabelSource.human,
+) -> tuple[Label, bool, list[Any] | None]:
+    """:func:`create_label`, and the project's classes when the label is new."""
+    conn = session.connection()
+    existing = _by_key(session, conn, data.idempotency_key)
     if existing is not None:
-        return _replayed(existing, user, data), False
-    target = _target(session, data.image_id)
+        return _replayed(existing, user, data), False, None
+    target = _target(conn, data.image_id)
     class_index, mask = _validated_content(target, data, mask_png)
-    lease = _checked_lease(session, target, user, data.lease_id)
+    lease = _checked_lease(session, conn, target, user, data.lease_id)
     mask_key = store_mask(session, storage, target.project_id, mask) if mask is not None else None
     values = {
         "project_id": target.project_id,
@@ -160,20 +218,18 @@ def create_label(
         "idempotency_key": data.idempotency_key,
         "created_at": utcnow(),
     }
-    try:
-        with session.begin_nested():
-            label_id = session.execute(_INSERT_LABEL, values).scalar_one()
-    except IntegrityError:  # the same key, committed by a concurrent request meanwhile
+    label_id = conn.execute(_INSERT_LABEL[conn.dialect.name], values).scalar_one_or_none()
+    if label_id is None:  # the same key, committed by a concurrent request meanwhile
         if mask_key is not None:
             storage.delete(mask_key)
-        existing = _by_key(session, data.idempotency_key)
-        if existing is None:
-            raise
-        return _replayed(existing, user, data), False
+        existing = _by_key(session, conn, data.idempotency_key)
+        if existing is None:  # cannot happen: the key's label exists once the insert skipped
+            raise Conflict(f"Idempotency key {data.idempotency_key!r} is being used; retry.")
+        return _replayed(existing, user, data), False, None
     label = Label(id=label_id, **values)  # detached: the row is written, nothing to track
-    _count_towards_queue(session, target.image_id, user, lease, label)
+    _count_towards_queue(conn, target.image_id, user, lease, label)
     event = {"label_id": label_id, "image_id": target.image_id, "lease_id": label.lease_id}
-    event_id = session.execute(
+    event_id = conn.execute(
         _INSERT_EVENT,
         {
             "project_id": target.project_id,
@@ -183,23 +239,28 @@ def create_label(
             "created_at": label.created_at,
         },
     ).scalar_one()
-    fan_out(
-        session, settings, event_id=event_id, project_id=target.project_id, kind="label.created"
-    )
+    if target.has_webhooks:
+        fan_out(
+            session,
+            settings,
+            event_id=event_id,
+            project_id=target.project_id,
+            kind="label.created",
+        )
     if target.auto_round != AutoRound.off.value:
         maybe_start_auto_round(session, settings, require_project(session, target.project_id))
-    return label, True
+    return label, True, target.classes
 
 
-def _target(session: Session, image_id: int) -> _Target:
-    row = session.execute(_TARGET, {"image_id": image_id}).first()
+def _target(conn: Connection, image_id: int) -> _Target:
+    row = conn.execute(_TARGET, {"image_id": image_id}).first()
     if row is None:
         raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
     return _Target(*row)
 
 
-def _by_key(session: Session, key: str) -> Label | None:
-    label_id = session.scalar(_BY_KEY, {"key": key})
+def _by_key(session: Session, conn: Connection, key: str) -> Label | None:
+    label_id = conn.scalar(_BY_KEY, {"key": key})
     return None if label_id is None else session.get(Label, label_id)
 
 
@@ -274,7 +335,7 @@ def _validated_content(
 
 
 def _checked_lease(
-    session: Session, target: _Target, user: User, lease_id: int | None
+    session: Session, conn: Connection, target: _Target, user: User, lease_id: int | None
 ) -> _LeaseRow | None:
     """The caller's lease for this image, its queue item locked; None when none is given."""
     if lease_id is None:
@@ -286,7 +347,7 @@ def _checked_lease(
             )
         return None
     lock_lease_item(session, lease_id)
-    row = session.execute(_LEASE, {"lease_id": lease_id}).first()  # read under the item's lock
+    row = conn.execute(_LEASE, {"lease_id": lease_id}).first()  # read under the item's lock
     if row is None:
         raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")
     lease = _LeaseRow(*row)
@@ -314,18 +375,18 @@ def _checked_lease(
 
 
 def _count_towards_queue(
-    session: Session, image_id: int, user: User, lease: _LeaseRow | None, label: Label
+    conn: Connection, image_id: int, user: User, lease: _LeaseRow | None, label: Label
 ) -> None:
     """Close the caller's lease(s) on the image; count the label once per distinct author."""
     params = {"now": label.created_at, "p_image_id": image_id, "p_user_id": user.id}
     if lease is not None:
         item_ids = [lease.queue_item_id]
-        session.execute(_CLOSE_LEASE, {**params, "p_lease_id": lease.id})
+        conn.execute(_CLOSE_LEASE, {**params, "p_lease_id": lease.id})
     else:
-        item_ids = list(session.scalars(_OPEN_ITEMS_OF_IMAGE, params).all())
-        session.execute(_CLOSE_CALLERS_LEASES, params)
+        item_ids = list(conn.scalars(_OPEN_ITEMS_OF_IMAGE, params).all())
+        conn.execute(_CLOSE_CALLERS_LEASES, params)
     for item_id in item_ids:
-        session.execute(
+        conn.execute(
             _COUNT_ONCE_PER_AUTHOR,
             {
                 "item_id": item_id,

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     Integer,
     Table,
     and_,
@@ -185,17 +186,21 @@ def require_project(session: Session, project_id: int) -> Project:
 def lock_lease_item(session: Session, lease_id: int) -> None:
     """Wait for and lock the queue item of lease ``lease_id``.
 
-    PostgreSQL row lock; on SQLite the transaction already holds the database's write lock.
+    PostgreSQL row lock; on SQLite the transaction already holds the database's write lock
+    (taken here, by starting the transaction), so there is nothing to run.
     Read the lease itself after this: its state and expiry are then current.
     """
-    session.execute(_LOCK_ITEM_OF_LEASE, {"lease_id": lease_id})
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        conn.execute(_LOCK_ITEM_OF_LEASE, {"lease_id": lease_id})
 
 
 def lease_next_items(
     session: Session, settings: Settings, user: User, project_id: int, limit: int
 ) -> list[QueueEntry]:
     """The caller's active leases, then new leases in (round, rank) order, ``limit`` in all."""
-    project = session.execute(_PROJECT, {"project_id": project_id}).first()
+    conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
+    project = conn.execute(_PROJECT, {"project_id": project_id}).first()
     if project is None:
         raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
     ttl, model_version_id = project
@@ -203,25 +208,25 @@ def lease_next_items(
     params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
     held = [
         _Leased(lease_id, expires_at, _Item(*item))
-        for lease_id, expires_at, *item in session.execute(_HELD, {**params, "limit": limit})
+        for lease_id, expires_at, *item in conn.execute(_HELD, {**params, "limit": limit})
     ]
     wanted = limit - len(held)
-    new = _lease_new_items(session, params, ttl, wanted) if wanted > 0 else []
+    new = _lease_new_items(conn, params, ttl, wanted) if wanted > 0 else []
     leased = held + new
-    predictions = _predictions(session, model_version_id, [e.item.image_id for e in leased])
+    predictions = _predictions(conn, model_version_id, [e.item.image_id for e in leased])
     return [_entry(entry, predictions.get(entry.item.image_id)) for entry in leased]
 
 
-def _still_free(session: Session, items: list[_Item], params: dict[str, Any]) -> list[_Item]:
+def _still_free(conn: Connection, items: list[_Item], params: dict[str, Any]) -> list[_Item]:
     """The locked items that, counted again now, have a free slot and are not the caller's.
 
     Needed on PostgreSQL only: under READ COMMITTED the candidates' snapshot may predate a
     lease committed by the transaction that held an item's lock a moment ago. A SQLite
     transaction holds the database's write lock from its first statement.
     """
-    if session.get_bind().dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite":
         return items
-    rows = session.execute(_RECOUNT, {**params, "item_ids": [item.id for item in items]}).all()
+    rows = conn.execute(_RECOUNT, {**params, "item_ids": [item.id for item in items]}).all()
     active = Counter(item_id for item_id, _, state in rows if state == _ACTIVE)
     callers = {item_id for item_id, user_id, _ in rows if user_id == params["user_id"]}
     return [
@@ -230,19 +235,19 @@ def _still_free(session: Session, items: list[_Item], params: dict[str, Any]) ->
 
 
 def _lease_new_items(
-    session: Session, params: dict[str, Any], ttl: int, wanted: int
+    conn: Connection, params: dict[str, Any], ttl: int, wanted: int
 ) -> list[_Leased]:
     """Lease up to ``wanted`` new items (``params``: project_id, user_id, now)."""
     chosen: list[_Item] = []
     seen: list[int] = []
     for _ in range(_MAX_PASSES):
         missing = wanted - len(chosen)
-        rows = session.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
+        rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
         candidates = [_Item(*row) for row in rows]
         if not candidates:
             break
         seen += [item.id for item in candidates]
-        chosen += _still_free(session, candidates, params)[:missing]
+        chosen += _still_free(conn, candidates, params)[:missing]
         if len(chosen) >= wanted:
             break
     if not chosen:
@@ -262,12 +267,12 @@ def _lease_new_items(
         }
         for item in chosen
     ]
-    ids = session.execute(_INSERT_LEASES, values).scalars().all()
+    ids = conn.execute(_INSERT_LEASES, values).scalars().all()
     return [_Leased(lease_id, expires_at, item) for lease_id, item in zip(ids, chosen, strict=True)]
 
 
 def _predictions(
-    session: Session, model_version_id: int | None, image_ids: list[int]
+    conn: Connection, model_version_id: int | None, image_ids: list[int]
 ) -> dict[int, PredictionOut]:
     """The model version's predictions for ``image_ids`` (none before the first model)."""
     if model_version_id is None or not image_ids:
@@ -279,7 +284,7 @@ def _predictions(
             class_probs=probs,
             mask_url=f"/predictions/{prediction_id}/mask" if mask_key else None,
         )
-        for image_id, prediction_id, probs, mask_key in session.execute(_PREDICTIONS, params)
+        for image_id, prediction_id, probs, mask_key in conn.execute(_PREDICTIONS, params)
     }
 
 
