@@ -65,8 +65,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--task", default="classification", choices=["classification", "segmentation"]
+    )
     parser.add_argument("--strategy", default="confident_coreset")
-    parser.add_argument("--alpha", type=float, default=0.25)
+    parser.add_argument("--alpha", type=float, default=None, help="default: 0.25 / 0.5 by task")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--seed", type=int, default=0)
@@ -76,6 +79,7 @@ def parse_args() -> argparse.Namespace:
 def register(settings: Settings, args: argparse.Namespace) -> tuple[int, int]:
     """Insert the project, its pool + test images and the labels; returns (project, round)."""
     index = read_ham10000(args.data)
+    segmentation = args.task == "segmentation"
     pool_rows, test_rows = lesion_split(
         index.lesion_ids, args.test_fraction, args.seed, index.labels
     )
@@ -88,8 +92,8 @@ def register(settings: Settings, args: argparse.Namespace) -> tuple[int, int]:
     with unit_of_work(sessions) as session:
         project = Project(
             name="round-cost",
-            task="classification",
-            classes=list(index.classes),
+            task=args.task,
+            classes=["lesion"] if segmentation else list(index.classes),
             budget_count=args.budget,
             initial_fraction=0.1,
             strategy=args.strategy,
@@ -107,7 +111,8 @@ def register(settings: Settings, args: argparse.Namespace) -> tuple[int, int]:
                 session.add(image)
                 session.flush()
                 if split == "test" or k in labeled:
-                    session.add(_label(project.id, image.id, int(index.labels[row])))
+                    mask = index.mask_paths[row] if segmentation else None
+                    session.add(_label(project.id, image.id, int(index.labels[row]), mask))
         session.add(
             Round(
                 project_id=project.id,
@@ -143,18 +148,22 @@ def _image_row(project_id: int, path: Path, split: str) -> Image:
     )
 
 
-def _label(project_id: int, image_id: int, class_index: int) -> Label:
+def _label(project_id: int, image_id: int, class_index: int, mask: Path | None) -> Label:
+    """A class label, or (segmentation) the data set's own mask file read in place."""
     return Label(
         project_id=project_id,
         image_id=image_id,
         source="import",
-        class_index=class_index,
+        class_index=None if mask else class_index,
+        mask_key=f"{DATA_PREFIX}masks/{mask.name}" if mask else None,
         idempotency_key=uuid.uuid4().hex,
     )
 
 
 def main() -> None:
     args = parse_args()
+    if args.alpha is None:
+        args.alpha = 0.5 if args.task == "segmentation" else 0.25
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coreloop-round-cost-"))
     settings = Settings(environment="test", data_dir=workdir, device=args.device)
@@ -178,7 +187,6 @@ def main() -> None:
         "error": row.error,
         "pool": metrics.get("pool_size"),
         "labeled": metrics.get("train_size"),
-        "test": (metrics.get("test") or {}).get("n"),
         "selected": queued,
         "image_size": args.image_size,
         "epochs": args.epochs,
@@ -190,7 +198,7 @@ def main() -> None:
         "finalize_and_overhead": round(wall - sum(seconds.values()), 2),
         "round_wall": round(wall, 2),
         "setup_not_counted": round(setup, 2),
-        "test_accuracy": (metrics.get("test") or {}).get("accuracy"),
+        "test": {k: v for k, v in (metrics.get("test") or {}).items() if not isinstance(v, list)},
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "project_id": project_id,
         "workdir": str(workdir),

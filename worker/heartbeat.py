@@ -69,9 +69,12 @@ class Heartbeat:
                 last_beat = time.monotonic()
             self.owned = signal.owned
             self.cancel_requested = signal.cancel_requested
-            if not signal.owned:
-                log.warning("round %s is no longer this run's; stopping", self.claim.round_id)
+            if not signal.owned:  # finished, or re-queued by the reaper: stop beating
+                log.info("round %s: attempt %s no longer running", *self._ids())
                 return
+
+    def _ids(self) -> tuple[int, int]:
+        return self.claim.round_id, self.claim.attempt
 
     def should_stop(self) -> bool:
         """True once a cancel was requested or the round was taken over (cheap: flags only)."""

@@ -3,7 +3,8 @@
 - ``round.run(round_id)`` (queue ``training``): run the round if it can be claimed. Retried with
   backoff only for transient errors (database or broker connection); everything else ends the
   round ``failed`` in the database and the task returns normally.
-- ``round.reap()`` (beat, every 30 s, and once at worker start-up with ``startup=True``):
+- ``round.reap()`` (beat, every 30 s or a quarter of the heartbeat timeout if shorter, and once
+  at worker start-up with ``startup=True``):
   re-queue rounds whose heartbeat stopped, fail them after ``round_max_attempts``, and re-send
   ``round.run`` for queued rounds that may have lost their message.
 - ``broker.cleanup()`` (beat, SQLite transport only): delete consumed kombu messages older than
@@ -29,7 +30,6 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import Task
 from celery.signals import worker_init, worker_process_init, worker_ready
 from sqlalchemy import Boolean, DateTime, bindparam, create_engine, text
 
@@ -55,7 +55,6 @@ BROKER_MESSAGE_TTL = timedelta(hours=1)
 
 @app.task(
     name=ROUND_RUN,
-    bind=True,
     acks_late=True,
     autoretry_for=TRANSIENT_ERRORS,
     retry_backoff=5,
@@ -63,7 +62,7 @@ BROKER_MESSAGE_TTL = timedelta(hours=1)
     retry_jitter=True,
     max_retries=8,
 )
-def run_round_task(self: Task, round_id: int) -> None:
+def run_round_task(round_id: int) -> None:
     """Run one round (idempotent: a duplicate delivery finds nothing to claim)."""
     from worker.rounds import run_round  # preloaded by a forking worker (worker_init)
 

@@ -239,9 +239,11 @@ def test_celery_configuration_follows_the_settings(tmp_path: Path) -> None:
     assert conf.task_routes["round.run"] == {"queue": "training"}
     assert conf.beat_schedule["reap-rounds"]["schedule"] == 2.0  # a quarter of the timeout
     assert "clean-broker" in conf.beat_schedule
+    assert conf.worker_pool_start_method == "spawn"  # never fork a process that holds SQLite
     scaled = make_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/14"))
     assert scaled.conf.beat_schedule["reap-rounds"]["schedule"] == 30.0
     assert "clean-broker" not in scaled.conf.beat_schedule
+    assert scaled.conf.worker_pool_start_method == "fork"
 
 
 def test_settings_travel_to_the_worker_as_environment(tmp_path: Path) -> None:
