@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
@@ -45,6 +45,12 @@ class RoundEnv:
     def from_settings(cls, settings: Settings) -> RoundEnv:
         sessions = make_sessionmaker(make_engine(settings))
         return cls(settings, sessions, Storage(settings.files_dir))
+
+    def close(self) -> None:
+        """Dispose of the engine behind ``sessions``."""
+        bind = self.sessions.kw.get("bind")
+        if isinstance(bind, Engine):
+            bind.dispose()
 
     @property
     def device(self) -> str:

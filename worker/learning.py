@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
@@ -58,8 +59,14 @@ class ProgressWriter:
         self.status, self.last = status.value, now
 
 
-def checkpoint_key(claim: Claim, suffix: str = "pt") -> str:
-    return f"models/{claim.project_id}/round-{claim.number}.{suffix}"
+def checkpoint_key(claim: Claim) -> str:
+    """The model version's checkpoint: one per round, overwritten by a re-run."""
+    return f"models/{claim.project_id}/round-{claim.number}.pt"
+
+
+def resume_key(claim: Claim) -> str:
+    """The resumable training state a crashed attempt leaves for the next one."""
+    return f"models/{claim.project_id}/round-{claim.number}.resume.pt"
 
 
 def train_config(env: RoundEnv, claim: Claim, project: inputs.ProjectConfig) -> TrainConfig:
@@ -109,7 +116,7 @@ def train(
         "config": {k: v for k, v in asdict(config).items() if k != "device"},
         **inputs.dataset_fingerprint(rows, labeled),
     }
-    key = checkpoint_key(claim, "resume.pt")
+    key = resume_key(claim)
     last_saved = -math.inf
 
     def save_resumable(state: dict[str, Any]) -> None:
@@ -238,18 +245,35 @@ def predictions(
 ) -> list[PredictionEntry]:
     """Pre-annotations for the unlabeled pool: class probabilities, or a mask PNG (0/255, at
     the image's own size) written under ``predictions/<model_version>/<image>.png``."""
-    entries = []
-    for i, row in enumerate(rows.pool):
-        if row.id in rows.labels:
-            continue
-        probs = mask_key = None
-        if out.probs is not None:
-            probs = [round(float(p), 6) for p in out.probs[i]]
-        if out.masks is not None:
-            mask_key = f"predictions/{model_version_id}/{row.id}.png"
-            env.storage.put_bytes(mask_key, _mask_png(out.masks[i], row.width, row.height))
-        entries.append(PredictionEntry(row.id, probs, mask_key, float(out.predicted_loss[i])))
-    return entries
+    unlabeled = [i for i, row in enumerate(rows.pool) if row.id not in rows.labels]
+    mask_keys: dict[int, str] = {}
+    if out.masks is not None:
+        mask_keys = _write_masks(env, rows, out.masks, unlabeled, model_version_id)
+    return [
+        PredictionEntry(
+            image_id=rows.pool[i].id,
+            class_probs=None if out.probs is None else [round(float(p), 6) for p in out.probs[i]],
+            mask_key=mask_keys.get(i),
+            predicted_loss=float(out.predicted_loss[i]),
+        )
+        for i in unlabeled
+    ]
+
+
+def _write_masks(
+    env: RoundEnv, rows: RoundRows, masks: np.ndarray, indices: Sequence[int], version_id: int
+) -> dict[int, str]:
+    """Write the masks of ``indices`` as PNGs on a few threads (encoding and fsync release the
+    GIL; one file at a time spends most of its time waiting for the disk)."""
+
+    def write(i: int) -> tuple[int, str]:
+        row = rows.pool[i]
+        key = f"predictions/{version_id}/{row.id}.png"
+        env.storage.put_bytes(key, _mask_png(masks[i], row.width, row.height))
+        return i, key
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(write, indices))
 
 
 def _mask_png(mask: np.ndarray, width: int, height: int) -> bytes:

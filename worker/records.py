@@ -8,6 +8,7 @@ heartbeat stopped) or a user cancelled it, a late write of the old run changes n
 raises :class:`LostClaim` instead. ``finalize_round`` is the one transaction that makes a
 round's results visible (queue items, predictions, status ``done``, the event), and it can
 commit at most once per round: its first statement is the fenced status update.
+The reaper's side is ``worker/reaper.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, delete, func, select, update
@@ -95,18 +96,6 @@ class RoundResult:
     progress: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ReapResult:
-    requeued: list[int]
-    failed: list[int]
-    resent: list[int]
-
-    @property
-    def to_send(self) -> list[int]:
-        """Rounds that need a ``round.run`` message (re-queued now or queued without one)."""
-        return sorted({*self.requeued, *self.resent})
-
-
 def json_safe(value: Any) -> Any:
     """``value`` with NaN/inf floats replaced by None (PostgreSQL's JSON has no NaN)."""
     if isinstance(value, float):
@@ -118,7 +107,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _count(session: Session, statement: Executable) -> int:
+def count_updated(session: Session, statement: Executable) -> int:
     """Run an UPDATE; returns how many rows it changed."""
     result = cast(CursorResult[Any], session.execute(statement))
     return int(result.rowcount)
@@ -148,7 +137,7 @@ def _event(
 def _fence(session: Session, claim: Claim, **values: Any) -> None:
     """Update the round if it is still this run's (and lock its row); else :class:`LostClaim`."""
     values.setdefault("heartbeat_at", utcnow())
-    if _count(session, update(Round).where(_owned(claim)).values(**values)) != 1:
+    if count_updated(session, update(Round).where(_owned(claim)).values(**values)) != 1:
         raise LostClaim(f"round {claim.round_id} attempt {claim.attempt} is no longer ours")
 
 
@@ -173,7 +162,7 @@ def claim_round(sessions: Sessions, round_id: int, now: datetime | None = None) 
         "error": None,
     }
     with unit_of_work(sessions) as session:
-        if _count(session, update(Round).where(claim).values(**values)) != 1:
+        if count_updated(session, update(Round).where(claim).values(**values)) != 1:
             return None
         row = _load_round(session, round_id)
         if row.started_at is None:
@@ -309,7 +298,7 @@ def finalize_round(
         _fence(session, claim, heartbeat_at=now)
         row = _load_round(session, claim.round_id)
         if row.cancel_requested:
-            _close(session, settings, row, RoundStatus.cancelled, now, error=None)
+            close_round(session, settings, row, RoundStatus.cancelled, now, error=None)
             return RoundStatus.cancelled.value
         queued = _insert_results(session, claim, result)
         if result.model_version_id is not None:
@@ -318,11 +307,11 @@ def finalize_round(
                 version.metrics = json_safe({**version.metrics, **result.metrics})
         row.metrics = json_safe(result.metrics)
         row.progress = json_safe({**result.progress, "phase": RoundStatus.done.value})
-        _close(session, settings, row, RoundStatus.done, now, error=None, queued=queued)
+        close_round(session, settings, row, RoundStatus.done, now, error=None, queued=queued)
         return RoundStatus.done.value
 
 
-def _close(
+def close_round(
     session: Session,
     settings: Settings,
     row: Round,
@@ -374,7 +363,7 @@ def end_round(
         except LostClaim:
             return False
         row = _load_round(session, claim.round_id)
-        _close(session, settings, row, status, now, error=error)
+        close_round(session, settings, row, status, now, error=error)
         return True
 
 
@@ -383,81 +372,4 @@ def release_round(sessions: Sessions, claim: Claim) -> bool:
     with unit_of_work(sessions) as session:
         requeue = update(Round).where(_owned(claim))
         values = {"status": RoundStatus.queued.value, "heartbeat_at": utcnow(), "progress": {}}
-        return _count(session, requeue.values(**values)) == 1
-
-
-def reap_rounds(
-    sessions: Sessions,
-    settings: Settings,
-    *,
-    timeout_seconds: float,
-    max_attempts: int,
-    resend_all_queued: bool = False,
-    now: datetime | None = None,
-) -> ReapResult:
-    """Re-queue running rounds whose heartbeat stopped (or fail them after ``max_attempts``),
-    and list queued rounds that may have no message.
-
-    A queued round is re-sent when it has waited ``timeout_seconds`` since it was created or
-    last (re-)sent (``heartbeat_at`` records the send), or always with ``resend_all_queued``
-    (worker start-up: the SQLite transport loses messages of a worker that died). Duplicate
-    messages are harmless: only one delivery can claim the round.
-    """
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=timeout_seconds)
-    with unit_of_work(sessions) as session:
-        stale = session.execute(
-            select(Round.id, Round.attempt, Round.heartbeat_at).where(
-                Round.status.in_(RUNNING),
-                (Round.heartbeat_at.is_(None)) | (Round.heartbeat_at < cutoff),
-            )
-        ).all()
-        requeued, failed = _reap_stale(
-            session, settings, stale, cutoff, now, max_attempts, timeout_seconds
-        )
-        waiting = select(Round.id).where(Round.status == RoundStatus.queued.value)
-        if not resend_all_queued:
-            waiting = waiting.where(func.coalesce(Round.heartbeat_at, Round.created_at) < cutoff)
-        resent = [rid for rid in session.scalars(waiting) if rid not in requeued]
-        if resent:
-            session.execute(update(Round).where(Round.id.in_(resent)).values(heartbeat_at=now))
-    return ReapResult(requeued=requeued, failed=failed, resent=resent)
-
-
-def _reap_stale(
-    session: Session,
-    settings: Settings,
-    stale: Any,
-    cutoff: datetime,
-    now: datetime,
-    max_attempts: int,
-    timeout_seconds: float,
-) -> tuple[list[int], list[int]]:
-    requeued: list[int] = []
-    failed: list[int] = []
-    for round_id, attempt, _ in stale:
-        still_stale = (
-            (Round.id == round_id)
-            & (Round.attempt == attempt)
-            & Round.status.in_(RUNNING)
-            & ((Round.heartbeat_at.is_(None)) | (Round.heartbeat_at < cutoff))
-        )
-        if attempt >= max_attempts:
-            row = session.scalar(select(Round).where(still_stale).with_for_update())
-            if row is None:
-                continue
-            error = (
-                f"The worker running this round stopped responding (no heartbeat for "
-                f"{timeout_seconds:g} s) on attempt {attempt} of {max_attempts}; giving up. "
-                "Check the worker's log (out of memory? killed?) and start a new round."
-            )
-            _close(session, settings, row, RoundStatus.failed, now, error=error)
-            failed.append(round_id)
-            continue
-        progress = {"phase": RoundStatus.queued.value, "requeued_after_attempt": attempt}
-        requeue = update(Round).where(still_stale)
-        values = {"status": RoundStatus.queued.value, "heartbeat_at": now, "progress": progress}
-        if _count(session, requeue.values(**values)) == 1:
-            requeued.append(round_id)
-            log.warning("round %s: heartbeat stopped on attempt %s; re-queued", round_id, attempt)
-    return requeued, failed
+        return count_updated(session, requeue.values(**values)) == 1

@@ -30,7 +30,7 @@ from worker import inputs, records
 from worker.celery_app import TRANSIENT_ERRORS
 from worker.heartbeat import Heartbeat, RoundStopped
 from worker.inputs import RoundConfigError, RoundEnv, RoundRows
-from worker.learning import ProgressWriter, learning_round
+from worker.learning import ProgressWriter, learning_round, resume_key
 from worker.records import Claim, QueueEntry, RoundResult
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,23 @@ MIN_TRAIN_IMAGES = 2
 
 def run_round(round_id: int, settings: Settings, env: RoundEnv | None = None) -> str:
     """Run round ``round_id`` if it can be claimed; returns the outcome (see the module doc)."""
+    own_env = env is None
     env = env or RoundEnv.from_settings(settings)
-    claim = records.claim_round(env.sessions, round_id)
-    if claim is None:
-        log.info("round %s: nothing to claim (already taken or not queued)", round_id)
-        return "skipped"
-    log.info("round %s: claimed, attempt %s", round_id, claim.attempt)
-    with Heartbeat(env.sessions, claim, settings.heartbeat_seconds) as heartbeat:
-        outcome = _run_claimed(env, claim, heartbeat)
-    log.info("round %s: %s", round_id, outcome)
-    return outcome
+    try:
+        claim = records.claim_round(env.sessions, round_id)
+        if claim is None:
+            log.info("round %s: nothing to claim (already taken or not queued)", round_id)
+            return "skipped"
+        log.info("round %s: claimed, attempt %s", round_id, claim.attempt)
+        with Heartbeat(env.sessions, claim, settings.heartbeat_seconds) as heartbeat:
+            outcome = _run_claimed(env, claim, heartbeat)
+        if outcome != "lost":  # a later attempt may still resume from it
+            env.storage.delete(resume_key(claim))
+        log.info("round %s: %s", round_id, outcome)
+        return outcome
+    finally:
+        if own_env:
+            env.close()
 
 
 def _run_claimed(env: RoundEnv, claim: Claim, heartbeat: Heartbeat) -> str:
@@ -74,7 +81,6 @@ def _run_claimed(env: RoundEnv, claim: Claim, heartbeat: Heartbeat) -> str:
         error = f"Unexpected error ({type(exc).__name__}): {exc}. See the worker's log."
         records.end_round(env.sessions, env.settings, claim, RoundStatus.failed, error)
         return RoundStatus.failed.value
-    env.storage.delete(f"models/{claim.project_id}/round-{claim.number}.resume.pt")
     return outcome
 
 

@@ -1,4 +1,4 @@
-"""Celery tasks: thin adapters from a message (IDs only) to ``worker.rounds`` / ``worker.records``.
+"""Celery tasks: thin adapters from a message (IDs only) to ``worker.rounds`` / ``worker.reaper``.
 
 - ``round.run(round_id)`` (queue ``training``): run the round if it can be claimed. Retried with
   backoff only for transient errors (database or broker connection); everything else ends the
@@ -35,7 +35,7 @@ from sqlalchemy import Boolean, DateTime, bindparam, create_engine, text
 
 from app.db import make_engine, make_sessionmaker
 from app.settings import get_settings
-from worker import records
+from worker import reaper
 from worker.celery_app import (
     BROKER_CLEANUP,
     DEFAULT_QUEUE,
@@ -84,7 +84,7 @@ def reap_rounds_task(startup: bool = False, exclusive: bool = False) -> dict[str
     settings = get_settings()
     engine = make_engine(settings)
     try:
-        result = records.reap_rounds(
+        result = reaper.reap_rounds(
             make_sessionmaker(engine),
             settings,
             timeout_seconds=0.0 if exclusive else settings.heartbeat_timeout_seconds,

@@ -16,7 +16,7 @@ from app.settings import Settings
 from app.storage import Storage
 from app.webhook_models import WebhookDelivery, WebhookSubscription
 from tests.worker.conftest import add_labels, new_round, read_round, seed_project
-from worker import records
+from worker import reaper, records
 from worker.celery_app import make_celery
 from worker.embedded import settings_env
 from worker.records import LostClaim, PredictionEntry, QueueEntry, RoundResult
@@ -86,7 +86,7 @@ def test_writes_of_an_old_attempt_are_fenced(
     old = records.claim_round(sessions, round_id)
     assert old is not None
     _age_heartbeat(sessions, round_id, 600)
-    reaped = records.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
+    reaped = reaper.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
     assert reaped.requeued == [round_id]
     new = records.claim_round(sessions, round_id)
     assert new is not None and new.attempt == 2
@@ -109,10 +109,10 @@ def test_reaper_requeues_stale_heartbeat_then_fails_after_max_attempts(
     for attempt in (1, 2):
         claim = records.claim_round(sessions, round_id)
         assert claim is not None and claim.attempt == attempt
-        fresh = records.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
+        fresh = reaper.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
         assert fresh.requeued == [] and fresh.to_send == []
         _age_heartbeat(sessions, round_id, 120)
-        reaped = records.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
+        reaped = reaper.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
         assert reaped.requeued == [round_id] and reaped.to_send == [round_id]
         row = read_round(sessions, round_id)
         assert row.status == RoundStatus.queued.value
@@ -120,7 +120,7 @@ def test_reaper_requeues_stale_heartbeat_then_fails_after_max_attempts(
     claim = records.claim_round(sessions, round_id)
     assert claim is not None and claim.attempt == 3
     _age_heartbeat(sessions, round_id, 120)
-    reaped = records.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
+    reaped = reaper.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3)
     assert reaped.failed == [round_id] and reaped.to_send == []
     row = read_round(sessions, round_id)
     assert row.status == RoundStatus.failed.value
@@ -134,15 +134,15 @@ def test_reaper_resends_queued_rounds(
     seeded = seed_project(sessions, file_storage, n_pool=4, n_test=0, label_test=False)
     round_id = new_round(sessions, seeded.project_id)
     assert (
-        records.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3).resent
+        reaper.reap_rounds(sessions, worker_settings, timeout_seconds=60, max_attempts=3).resent
         == []
     )
-    startup = records.reap_rounds(
+    startup = reaper.reap_rounds(
         sessions, worker_settings, timeout_seconds=60, max_attempts=3, resend_all_queued=True
     )
     assert startup.resent == [round_id]
     later = utcnow() + timedelta(seconds=61)
-    assert records.reap_rounds(
+    assert reaper.reap_rounds(
         sessions, worker_settings, timeout_seconds=60, max_attempts=3, now=later
     ).resent == [round_id]
 
@@ -250,7 +250,9 @@ def test_settings_travel_to_the_worker_as_environment(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, heartbeat_seconds=3.5, embedded_worker=False)
     env = settings_env(settings)
     assert env["CORELOOP_HEARTBEAT_SECONDS"] == "3.5"
-    again = Settings(**{k.removeprefix("CORELOOP_").lower(): v for k, v in env.items()})
+    again = Settings.model_validate(
+        {k.removeprefix("CORELOOP_").lower(): v for k, v in env.items()}
+    )
     assert again == settings
 
 

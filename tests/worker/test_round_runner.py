@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.storage import Storage
 from ml.checkpoint import load_checkpoint, model_from_checkpoint
 from tests.worker.conftest import Seeded, add_labels, new_round, read_round, seed_project
-from worker import records, rounds
+from worker import reaper, records, rounds
 from worker.inputs import RoundEnv
 
 
@@ -152,7 +152,7 @@ def test_crash_before_the_final_transaction_reruns_once(
     assert len(_versions(env.sessions, round_id)) == 1 and _queue(env.sessions, round_id) == []
 
     later = utcnow() + timedelta(seconds=env.settings.heartbeat_timeout_seconds + 1)
-    reaped = records.reap_rounds(
+    reaped = reaper.reap_rounds(
         env.sessions, env.settings, timeout_seconds=30, max_attempts=3, now=later
     )
     assert reaped.requeued == [round_id]
