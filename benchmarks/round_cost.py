@@ -1,6 +1,6 @@
 """What one active-learning round costs: the real round runner, in-process, on HAM10000.
 
-    python -m benchmarks.round_cost --data /work/shared/data/ham10000 [--pool 7000]
+    python -m benchmarks.round_cost --data ../shared/data/ham10000 [--pool 7000]
         [--labeled 700] [--budget 350] [--image-size 64] [--epochs 10] [--threads 2]
 
 Builds a throw-away SQLite deployment in a temporary folder (``--workdir``), registers a
@@ -56,7 +56,11 @@ class OverlayStorage(Storage):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/ham10000"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     parser.add_argument("--pool", type=int, default=7000)
     parser.add_argument("--labeled", type=int, default=700)

@@ -12,7 +12,7 @@ from PIL import Image
 from ml import ham10000
 from ml.ham10000 import lesion_split, limit_by_lesion, load_cached, load_ham10000, read_ham10000
 
-REAL_DATA = Path("/work/shared/data/ham10000")
+REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ham10000"
 DX = ("bkl", "mel", "nv")
 COLOURS = {"bkl": (200, 160, 90), "mel": (60, 30, 20), "nv": (150, 90, 60)}
 
