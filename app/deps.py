@@ -26,7 +26,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, Table, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import commit, rollback, unit_of_work
+from app.db import unit_of_work
 from app.errors import Forbidden, Unauthorized
 from app.models import Role, User
 from app.security import hash_token
@@ -48,15 +48,8 @@ async def get_storage(request: Request) -> Storage:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session: Session = request.app.state.sessions()
-    try:
+    with unit_of_work(request.app.state.sessions) as session:
         yield session
-        commit(session)
-    except BaseException:
-        rollback(session)
-        raise
-    finally:
-        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,8 +13,6 @@ from app.errors import install_error_handlers
 from app.migrate import upgrade
 from app.settings import Settings, get_settings
 from app.storage import Storage
-
-log = logging.getLogger(__name__)
 
 # Router modules, each exposing ``router``; listed here so the surface is visible in one place.
 ROUTERS = (
@@ -54,12 +51,5 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.storage = Storage(settings.files_dir)
     install_error_handlers(app)
     for name in ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # routers land one by one
-            if exc.name != name:
-                raise
-            log.debug("router %s not present", name)
-            continue
-        app.include_router(module.router)
+        app.include_router(importlib.import_module(name).router)
     return app
