@@ -217,9 +217,15 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    forwarded = list(args.forwarded)
+    if any(a == "--via-api" or a.startswith("--via-api=") for a in forwarded):
+        from app.via_api import run as via_api_run
+        from ml.simulate import parse_args
+
+        return via_api_run(parse_args(forwarded))
     from ml.simulate import main as simulate_main  # torch: imported only when asked for
 
-    return int(simulate_main(list(args.forwarded)) or 0)
+    return int(simulate_main(forwarded) or 0)
 
 
 def _run_report(args: argparse.Namespace) -> int:

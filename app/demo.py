@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +266,12 @@ def _ok(response: httpx.Response) -> Any:
 # -- rounds and the oracle ---------------------------------------------------------------------
 
 
-def run_round(client: httpx.Client, project_id: int, timeout: float = 3600.0) -> dict[str, Any]:
+def run_round(
+    client: httpx.Client,
+    project_id: int,
+    timeout: float = 3600.0,
+    say: Callable[[str], None] = _say,
+) -> dict[str, Any]:
     """Trigger a round (or join the active one) and follow it to its end."""
     response = client.post("/rounds", json={"project_id": project_id})
     if response.status_code == 409:
@@ -274,14 +279,14 @@ def run_round(client: httpx.Client, project_id: int, timeout: float = 3600.0) ->
         current = max(rounds, key=lambda r: r["number"])
     else:
         current = _ok(response)
-    _say(f"round {current['number']} queued (id {current['id']})")
+    say(f"round {current['number']} queued (id {current['id']})")
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         current = _ok(client.get(f"/rounds/{current['id']}"))
         line = f"round {current['number']}: {current['status']} {_progress(current)}".rstrip()
         if line != last:
-            _say(line)
+            say(line)
             last = line
         if current["status"] in ("done", "failed", "cancelled"):
             return dict(current)
@@ -303,36 +308,39 @@ def oracle_label_batch(
 ) -> int:
     """Label everything the queue offers, from the ground truth, as an annotator would."""
     done = 0
-    classes = project["classes"]
     while True:
         items = _ok(client.get("/queue", params={"project_id": project["id"], "limit": 20}))
         if not items:
             return done
         for item in items:
-            name = names[item["image_id"]]
-            key = f"demo-oracle:{item['lease_id']}"
-            if project["task"] == "classification":
-                body = {
-                    "image_id": item["image_id"],
-                    "lease_id": item["lease_id"],
-                    "idempotency_key": key,
-                    "class_index": classes.index(data.truth[name]),
-                }
-                _ok(client.post("/labels", json=body))
-            else:
-                mask = np.array(Image.open(data.masks[name]).convert("L"))
-                buf = io.BytesIO()
-                Image.fromarray(((mask > 127) * 255).astype(np.uint8)).save(buf, format="PNG")
-                form = {"image_id": str(item["image_id"]), "lease_id": str(item["lease_id"]),
-                        "idempotency_key": key}  # fmt: skip
-                _ok(
-                    client.post(
-                        "/labels",
-                        data=form,
-                        files={"mask": ("mask.png", buf.getvalue(), "image/png")},
-                    )
-                )
+            post_oracle_label(client, project, data, item["image_id"], names[item["image_id"]],
+                              f"demo-oracle:{item['lease_id']}", item["lease_id"])  # fmt: skip
             done += 1
+
+
+def post_oracle_label(
+    client: httpx.Client,
+    project: dict[str, Any],
+    data: DemoData,
+    image_id: int,
+    name: str,
+    key: str,
+    lease_id: int | None = None,
+) -> None:
+    """``POST /labels`` with the ground truth of file ``name``: its class, or its mask."""
+    lease = {} if lease_id is None else {"lease_id": lease_id}
+    if project["task"] == "classification":
+        body = {"image_id": image_id, "idempotency_key": key, **lease,
+                "class_index": project["classes"].index(data.truth[name])}  # fmt: skip
+        _ok(client.post("/labels", json=body))
+        return
+    mask = np.array(Image.open(data.masks[name]).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(((mask > 127) * 255).astype(np.uint8)).save(buf, format="PNG")
+    form = {"image_id": str(image_id), "idempotency_key": key,
+            **{k: str(v) for k, v in lease.items()}}  # fmt: skip
+    files = {"mask": ("mask.png", buf.getvalue(), "image/png")}
+    _ok(client.post("/labels", data=form, files=files))
 
 
 def _metric_line(round_: dict[str, Any]) -> str:

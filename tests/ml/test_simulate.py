@@ -165,7 +165,7 @@ def test_cli_errors(
     layout: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert simulate.main(["--via-api", "http://localhost:8000", "--data", str(layout)]) == 2
-    assert "not yet available" in capsys.readouterr().err
+    assert "coreloop simulate --via-api URL" in capsys.readouterr().err
     assert simulate.main(["--data", str(layout), "--strategies", "random,vaal", *FAST]) == 2
     assert "unknown strategies" in capsys.readouterr().err
     argv = ["--data", str(layout), "--out", str(finished), "--strategies", "random", *FAST]
