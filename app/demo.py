@@ -203,13 +203,8 @@ def ensure_tokens(settings: Settings) -> dict[str, str]:
 def ensure_project(
     client: httpx.Client, args: argparse.Namespace, data: DemoData
 ) -> dict[str, Any]:
-    name = args.project or f"demo-{args.task}"
-    for project in _ok(client.get("/projects")):
-        if project["name"] == name:
-            _say(f"reusing project {name!r} (id {project['id']})")
-            return dict(project)
     body = {
-        "name": name,
+        "name": args.project or f"demo-{args.task}",
         "task": args.task,
         "classes": data.classes if args.task == "classification" else ["lesion"],
         "budget": args.budget,
@@ -218,8 +213,21 @@ def ensure_project(
         "epochs": args.epochs,
         "batch_size": 16,
     }
+    return find_or_create_project(client, body)
+
+
+def find_or_create_project(
+    client: httpx.Client, body: dict[str, Any], say: Callable[[str], None] = _say
+) -> dict[str, Any]:
+    """The project named ``body["name"]``; created from ``body`` when there is none."""
+    name = body["name"]
+    for project in _ok(client.get("/projects")):
+        if project["name"] == name:
+            say(f"reusing project {name!r} (id {project['id']})")
+            return dict(project)
     created: dict[str, Any] = _ok(client.post("/projects", json=body))
-    _say(f"created project {name!r} (id {created['id']}, {args.task}, classes {body['classes']})")
+    say(f"created project {name!r} (id {created['id']}, {body['task']}, classes "
+        f"{body['classes']}, budget {body['budget']} per round)")  # fmt: skip
     return created
 
 

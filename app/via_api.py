@@ -27,7 +27,14 @@ from typing import Any
 
 import httpx
 
-from app.demo import DemoData, oracle_label_batch, post_oracle_label, run_round, upload_images
+from app.demo import (
+    DemoData,
+    find_or_create_project,
+    oracle_label_batch,
+    post_oracle_label,
+    run_round,
+    upload_images,
+)
 from app.demo import _ok as ok
 
 PREFIX = "[coreloop simulate --via-api]"
@@ -67,13 +74,8 @@ def project_name(config: Any, strategy: str, seed: int) -> str:
 def ensure_project(
     client: httpx.Client, config: Any, strategy: str, seed: int, data: DemoData
 ) -> dict[str, Any]:
-    name = project_name(config, strategy, seed)
-    for existing in ok(client.get("/projects")):
-        if existing["name"] == name:
-            say(f"reusing project {name!r} (id {existing['id']})")
-            return dict(existing)
     body = {
-        "name": name,
+        "name": project_name(config, strategy, seed),
         "task": config.task,
         "classes": data.classes if config.task == "classification" else ["lesion"],
         # A count, as in the direct simulation: round(budget_fraction * pool) per round.
@@ -85,9 +87,7 @@ def ensure_project(
         "epochs": config.epochs,
         "batch_size": config.batch_size,
     }
-    project: dict[str, Any] = ok(client.post("/projects", json=body))
-    say(f"created project {name!r} (id {project['id']}, budget {body['budget']} per round)")
-    return project
+    return find_or_create_project(client, body, say=say)
 
 
 def _seconds(start: str | None, end: str | None) -> float:
