@@ -9,8 +9,9 @@ simulation (so ``coreloop report`` reads it), with the metrics the worker measur
 split and the time the round took; ``via-api.json`` keeps each round's server-side phase timings
 and the oracle's labeling time.
 
-A rerun with the same ``--out`` and server reuses the projects (found by name), skips the
-uploads' duplicates and the rounds already in the CSV, and goes on from the server's state.
+A rerun with the same ``--out`` and server reuses the projects (found by name); the re-sent
+images are stored once (the server reports them as duplicates); rounds already in the CSV are
+skipped, and it goes on from the server's state.
 """
 
 from __future__ import annotations
@@ -163,23 +164,22 @@ def run_strategy(
         return sorted((r for r in rounds if r["status"] == "done"), key=lambda r: r["number"])
 
     def record(finished: dict[str, Any], label_seconds: float | None) -> None:
-        key = (config.task, strategy, seed, finished["number"] - 1)
+        if (config.task, strategy, seed, finished["number"] - 1) in results.done:
+            return  # journal first, then the row: a stored row means both are there
         row = round_row(config, strategy, seed, n_pool, n_test, finished)
         entry = {"project_id": project["id"], "round_id": finished["id"], **row,
                  "phases": (finished.get("metrics") or {}).get("seconds") or {}}  # fmt: skip
         if label_seconds is not None:
             entry["label_seconds"] = round(label_seconds, 2)
         journal.add(f"{strategy}/seed{seed}/round{finished['number']}", entry)
-        if key not in results.done:
-            results.append(row)
-            shown = ", ".join(
-                f"{m} {row[m]:.3f}" for m in ("accuracy", "balanced_accuracy", "jaccard")
-                if m in row
-            )  # fmt: skip
-            say(
-                f"{strategy} seed {seed} round {row['round']}: {row['labels']} labels, {shown}, "
-                f"round {row['wall_seconds']:.0f} s, train {row['train_seconds']:.0f} s"
-            )
+        results.append(row)
+        shown = ", ".join(
+            f"{m} {row[m]:.3f}" for m in ("accuracy", "balanced_accuracy", "jaccard") if m in row
+        )
+        say(
+            f"{strategy} seed {seed} round {row['round']}: {row['labels']} labels, {shown}, "
+            f"round {row['wall_seconds']:.0f} s, train {row['train_seconds']:.0f} s"
+        )
 
     done = finished_rounds()
     for finished in done:
@@ -209,7 +209,7 @@ def _check(finished: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the protocol against ``args.via_api``; 0 on success, 2 on a usage error."""
-    from ml.ham10000 import limit_by_lesion, read_ham10000
+    from ml.ham10000 import task_index
     from ml.report import build_report
     from ml.simulate import Results, check_run_file, config_from_args
 
@@ -224,13 +224,7 @@ def run(args: argparse.Namespace) -> int:
         args.out = Path("artifacts") / f"simulate-{args.task}-api"
     config = config_from_args(args)
     try:
-        index = read_ham10000(config.data, config.masks)
-        if config.task == "segmentation":
-            index = index.with_masks()
-            if len(index) == 0:
-                raise FileNotFoundError("no masks: pass --masks DIR of <image_id>_segmentation.png")
-        if config.limit is not None:
-            index = limit_by_lesion(index, config.limit)
+        index = task_index(config.data, config.task, masks_dir=config.masks, limit=config.limit)
         check_run_file(config, write=True)
     except (ValueError, FileNotFoundError) as error:
         say(str(error))

@@ -237,6 +237,23 @@ class LoadedData:
         return ImageDataset(self.images[rows], targets=t, masks=m)
 
 
+def task_index(
+    data_dir: str | Path,
+    task: Task,
+    *,
+    masks_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> HamIndex:
+    """Index the folder for ``task`` (segmentation: only images with a mask) and keep ``limit``
+    images (whole lesions)."""
+    index = read_ham10000(data_dir, masks_dir)
+    if task == "segmentation":
+        index = index.with_masks()
+        if len(index) == 0:
+            raise FileNotFoundError("no masks: pass --masks DIR of <image_id>_segmentation.png")
+    return index if limit is None else limit_by_lesion(index, limit)
+
+
 def load_ham10000(
     data_dir: str | Path,
     task: Task,
@@ -247,15 +264,9 @@ def load_ham10000(
     limit: int | None = None,
     progress: bool = False,
 ) -> LoadedData:
-    """Index the folder (segmentation: only images with a mask), keep ``limit`` images (whole
-    lesions), and load them at ``size`` through the ``.npy`` cache in ``cache_dir``."""
-    index = read_ham10000(data_dir, masks_dir)
-    if task == "segmentation":
-        index = index.with_masks()
-        if len(index) == 0:
-            raise FileNotFoundError("no masks: pass --masks DIR of <image_id>_segmentation.png")
-    if limit is not None:
-        index = limit_by_lesion(index, limit)
+    """:func:`task_index` of the folder, loaded at ``size`` through the ``.npy`` cache in
+    ``cache_dir``."""
+    index = task_index(data_dir, task, masks_dir=masks_dir, limit=limit)
     images = load_cached(index, size, cache_dir, progress=progress)
     if task == "segmentation":
         return LoadedData(index, images, None, load_cached(index, size, cache_dir, masks=True), 1)
