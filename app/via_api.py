@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,17 @@ def _seconds(start: str | None, end: str | None) -> float:
 
 
 def round_row(
-    config: Any, strategy: str, seed: int, n_pool: int, n_test: int, finished: dict[str, Any]
+    config: Any,
+    strategy: str,
+    seed: int,
+    n_pool: int,
+    n_test: int,
+    finished: dict[str, Any],
+    classes: Sequence[str],
 ) -> dict[str, Any]:
-    """The ``results.csv`` row of a finished server round ``k`` (>= 1): simulate's round k-1."""
-    from ml.simulate import METRIC_COLUMNS
+    """The ``results.csv`` row of a finished server round ``k`` (>= 1): simulate's round k-1.
+    ``classes``: the project's classes, in the order of the worker's ``per_class_recall``."""
+    from ml.simulate import METRIC_COLUMNS, class_recall_cell
 
     test = finished.get("test_metrics") or {}
     phases = (finished.get("metrics") or {}).get("seconds") or {}
@@ -117,6 +125,9 @@ def round_row(
     for metric in METRIC_COLUMNS[config.task]:
         if isinstance(test.get(metric), int | float):
             row[metric] = round(float(test[metric]), 6)
+    recall = test.get("per_class_recall")
+    if config.task == "classification" and isinstance(recall, list) and len(recall) == len(classes):
+        row["class_recall"] = class_recall_cell(classes, recall)
     return row
 
 
@@ -166,7 +177,7 @@ def run_strategy(
     def record(finished: dict[str, Any], label_seconds: float | None) -> None:
         if (config.task, strategy, seed, finished["number"] - 1) in results.done:
             return  # journal first, then the row: a stored row means both are there
-        row = round_row(config, strategy, seed, n_pool, n_test, finished)
+        row = round_row(config, strategy, seed, n_pool, n_test, finished, data.classes)
         entry = {"project_id": project["id"], "round_id": finished["id"], **row,
                  "phases": (finished.get("metrics") or {}).get("seconds") or {}}  # fmt: skip
         if label_seconds is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -252,6 +253,47 @@ def labels_needed_table(data: Curves, metric: str) -> list[str]:
     return _table([*header, "seeds reached only by it / only by random"], rows)
 
 
+def class_recalls(rows: list[dict[str, str]], task: str) -> dict[str, dict[int, dict[str, float]]]:
+    """Per strategy and seed, the per-class test recall of its last round (the full-data model:
+    round 0). Rows without a ``class_recall`` cell (segmentation, CSVs from before it) are left
+    out; a class absent from a seed's test split (null) is left out of that seed."""
+    last: dict[tuple[str, int], tuple[int, str]] = {}
+    for row in rows:
+        cell = row.get("class_recall") or ""
+        if row["task"] != task or not cell:
+            continue
+        key, rnd = (row["strategy"], int(row["seed"])), int(row["round"])
+        if key not in last or rnd > last[key][0]:
+            last[key] = (rnd, cell)
+    out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+    for (strategy, seed), (_, cell) in last.items():
+        out[strategy][seed] = {c: float(v) for c, v in json.loads(cell).items() if v is not None}
+    return dict(out)
+
+
+def class_recall_table(rows: list[dict[str, str]], task: str) -> list[str]:
+    """Markdown: per strategy, the mean over seeds of each class's recall (%) at the last round,
+    and the mean paired difference to random (pp); empty when the CSV has no per-class recall."""
+    recalls = class_recalls(rows, task)
+    if not recalls:
+        return []
+    classes = sorted({c for seeds in recalls.values() for r in seeds.values() for c in r})
+    base = recalls.get(BASELINE, {})
+    table = []
+    for strategy in sorted(recalls, key=lambda s: (s != FULL, s != BASELINE, s)):
+        seeds = recalls[strategy]
+        cells = []
+        for c in classes:
+            values = [r[c] for r in seeds.values() if c in r]
+            cell = _pct(float(np.mean(values)), 1) if values else "—"
+            diffs = [r[c] - base[s][c] for s, r in seeds.items() if c in r and c in base.get(s, {})]
+            if strategy not in (BASELINE, FULL) and diffs:
+                cell += f" ({100 * float(np.mean(diffs)):+.1f})"
+            cells.append(cell)
+        table.append([strategy, str(len(seeds)), *cells])
+    return _table(["strategy", "seeds", *classes], table)
+
+
 def _plot_bands(ax: Axes, data: Curves, metric: str) -> None:
     """One axis: mean curve and 95% band per strategy, the full-data mean as a dashed line."""
     for strategy in sorted(s for s in data if s != FULL):
@@ -325,6 +367,8 @@ def task_section(rows: list[dict[str, str]], task: str) -> list[str]:
         lines += ["", *labels_needed_table(data, metric), ""]
         lines += [f"### {metric}: paired difference to random per round", ""]
         lines += [*paired_round_table(data, metric), ""]
+    if table := class_recall_table(rows, task):
+        lines += ["### recall per class at the last round (%)", "", _CLASS_RECALL, "", *table, ""]
     return lines
 
 
@@ -333,6 +377,11 @@ _TESTS = (
     "the two-sided paired t-test; 'p (perm)' the exact sign-flip permutation test (its floor is "
     "2/2^n: 0.25 at 3 seeds, 0.0625 at 5) and replaces the t-test where the differences have "
     "zero spread; 'significant' means Holm-adjusted p (t) < 0.05 over all tests in that table."
+)
+_CLASS_RECALL = (
+    "Mean over seeds of each class's test recall at the strategy's last round (the full-data "
+    "model: its one round); in brackets, the mean paired difference to random in pp. No test: "
+    "with a few test images per rare class, one image moves a recall by several points."
 )
 _NEEDED = (
     "First labeled fraction whose value reaches the level x full-data value: on the mean curve "

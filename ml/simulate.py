@@ -51,7 +51,7 @@ METRIC_COLUMNS = {
 COLUMNS = (
     "task", "strategy", "seed", "round", "labels", "fraction", "accuracy", "balanced_accuracy",
     "jaccard", "dice", "train_seconds", "select_seconds", "wall_seconds", "n_pool", "n_test",
-    "image_size", "epochs", "alpha",
+    "image_size", "epochs", "alpha", "class_recall",
 )  # fmt: skip
 # Settings a resumed run must share with the run that wrote its out folder.
 FIXED_SETTINGS = (
@@ -111,6 +111,16 @@ class SimulationConfig:
         return values
 
 
+def class_recall_cell(classes: Sequence[str], per_class: Sequence[float | None]) -> str:
+    """The ``class_recall`` cell: ``{"akiec": 0.31, ..., "df": null}`` (null: no test image of
+    that class), compact JSON so that one column serves any class set."""
+    if len(classes) != len(per_class):
+        raise ValueError(f"{len(per_class)} recalls for {len(classes)} classes")
+    pairs = zip(classes, per_class, strict=True)
+    values = {c: None if r is None else round(float(r), 6) for c, r in pairs}
+    return json.dumps(values, separators=(",", ":"))
+
+
 def round_count(initial: float, budget: float, final: float) -> int:
     """Trainings per strategy and seed: 10%, 15%, ... 40% -> 7."""
     return int(np.floor((final - initial) / budget + 1e-9)) + 1 if final >= initial else 1
@@ -161,13 +171,22 @@ class Results:
         with self.csv.open(newline="") as handle:
             return [r for r in csv.DictReader(handle) if r.get("round")]
 
+    def _header(self) -> tuple[str, ...]:
+        """The columns of the existing CSV (an older version may lack newer ones), else COLUMNS."""
+        if not self.csv.is_file() or self.csv.stat().st_size == 0:
+            return COLUMNS
+        with self.csv.open(newline="") as handle:
+            return tuple(next(csv.reader(handle), COLUMNS))
+
     def append(self, row: dict[str, Any]) -> None:
+        """Append one row (fsynced); an older CSV keeps its header, without the newer columns."""
         new = not self.csv.is_file() or self.csv.stat().st_size == 0
+        columns = self._header()
         with self.csv.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=columns)
             if new:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in columns})
             handle.flush()
             os.fsync(handle.fileno())
         self.done.add((row["task"], row["strategy"], int(row["seed"]), int(row["round"])))
@@ -268,6 +287,9 @@ class Simulation:
             image_size=c.image_size, epochs=c.epochs, alpha=c.resolved_alpha,
         )  # fmt: skip
         row.update({m: round(float(scores[m]), 6) for m in METRIC_COLUMNS[self.task]})
+        if "per_class_recall" in scores:
+            recall = scores["per_class_recall"]
+            row["class_recall"] = class_recall_cell(self.data.index.classes, recall)
         return row
 
     def record(self, row: dict[str, Any], began: float, train_s: float, select_s: float) -> None:

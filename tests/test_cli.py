@@ -148,6 +148,54 @@ def test_serve_upgrades_then_runs_uvicorn(env: Path, monkeypatch: pytest.MonkeyP
         engine.dispose()
 
 
+@pytest.fixture
+def celery_main(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Celery's blocking ``worker_main`` replaced by a recorder: what ``coreloop worker`` ran."""
+    from worker.celery_app import app as celery_app
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(celery_app, "worker_main", lambda argv: started.append(list(argv)))
+    return started
+
+
+@pytest.mark.parametrize("revision", [None, "first"])
+def test_worker_refuses_a_schema_that_is_not_current(
+    env: Path,
+    revision: str | None,
+    celery_main: list[list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An empty database, or one a migration behind: one line naming the fix, no Celery."""
+    from alembic.script import ScriptDirectory
+
+    from app.migrate import alembic_config, upgrade
+
+    engine = make_engine(get_settings())
+    try:
+        if revision == "first":
+            base = ScriptDirectory.from_config(alembic_config()).get_base()
+            assert isinstance(base, str)
+            upgrade(engine, base)
+        tables_before = set(inspect(engine).get_table_names())
+        assert main(["worker", "--queues", "training"]) == 2
+        assert set(inspect(engine).get_table_names()) == tables_before  # nothing migrated
+    finally:
+        engine.dispose()
+    err = capsys.readouterr().err
+    assert err.startswith("error: the database schema is not current")
+    assert "coreloop db upgrade" in err and "Traceback" not in err
+    assert celery_main == []
+
+
+def test_worker_starts_celery_once_the_schema_is_current(
+    env: Path, celery_main: list[list[str]]
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    assert main(["worker", "--queues", "training", "--concurrency", "2"]) == 0
+    [argv] = celery_main
+    assert "--queues=training" in argv and "--concurrency=2" in argv
+
+
 def test_bench_select_forwards_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
     fake = types.ModuleType("ml.bench")

@@ -4,6 +4,8 @@
 
 One worker per GPU on ``training``, a CPU worker on ``default``, and exactly one process with
 ``--beat`` (the reaper's schedule). Settings come from ``CORELOOP_*`` variables as for the API.
+The worker never migrates: it refuses to start unless the schema is current (``coreloop db
+upgrade``, or ``coreloop serve``, which upgrades first), rather than failing at its first round.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from app.settings import get_settings
+from app.db import make_engine
+from app.migrate import require_current
+from app.settings import Settings, get_settings
 from worker.embedded import ensure_broker_dir, worker_args
 
 
@@ -32,11 +36,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_schema(settings: Settings) -> None:
+    """Raise ``app.migrate.SchemaNotCurrent`` when the database needs ``coreloop db upgrade``."""
+    engine = make_engine(settings)
+    try:
+        require_current(engine)
+    finally:
+        engine.dispose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker in the foreground until it is stopped; returns its exit status."""
     args = parse_args(argv)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    ensure_broker_dir(get_settings())
+    settings = get_settings()
+    check_schema(settings)
+    ensure_broker_dir(settings)
     from worker.celery_app import app  # builds the config from the settings
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -126,6 +127,44 @@ def test_report_tables_flags_and_pngs(tmp_path: Path) -> None:
     assert _row(needed_table, "98%", "confident_coreset")[-2:] == ["no", "2 / 0"]
     assert _row(needed_table, "98%", "random")[2] == "not reached"
     assert "full" in text and "## segmentation" not in text
+
+
+def test_class_recall_table_uses_each_seeds_last_round(tmp_path: Path) -> None:
+    """Mean recall over seeds at the last round, the paired difference to random in brackets;
+    a class absent from a seed's test split (null) is left out of that seed only."""
+
+    def cell(akiec: float | None, nv: float) -> str:
+        return json.dumps({"akiec": akiec, "nv": nv})
+
+    recalls = {  # (strategy, seed, round) -> cell
+        ("full", 0, 0): cell(0.5, 0.9),
+        ("full", 1, 0): cell(None, 0.9),
+        ("random", 0, 0): cell(0.0, 1.0),  # an earlier round: ignored
+        ("random", 0, 1): cell(0.1, 0.95),
+        ("random", 1, 1): cell(0.3, 0.97),
+        ("confident_coreset", 0, 1): cell(0.4, 0.91),
+        ("confident_coreset", 1, 1): cell(None, 0.93),
+    }
+    path = tmp_path / "results.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*FIELDS, "class_recall"])
+        writer.writeheader()
+        for (strategy, seed, rnd), value in recalls.items():
+            writer.writerow(dict(task="classification", strategy=strategy, seed=seed, round=rnd,
+                                 labels=1, fraction=0.1, accuracy=0.5, balanced_accuracy=0.5,
+                                 class_recall=value))  # fmt: skip
+    lines = report.class_recall_table(report.read_rows(path), "classification")
+    assert lines[0] == "| strategy | seeds | akiec | nv |"
+    assert _row(lines, "full") == ["full", "2", "50.0", "90.0"]
+    assert _row(lines, "random") == ["random", "2", "20.0", "96.0"]
+    # akiec: seed 0 only (+30 pp); nv: -4 pp on both seeds
+    assert _row(lines, "confident_coreset") == [
+        "confident_coreset",
+        "2",
+        "40.0 (+30.0)",
+        "92.0 (-4.0)",
+    ]
+    assert report.class_recall_table(report.read_rows(path), "segmentation") == []
 
 
 def test_report_main_rejects_missing_csv(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from ml import simulate
 from ml.simulate import SimulationConfig, parse_args, run_simulation, schedule
-from tests.ml.test_ham10000 import write_ham_layout
+from tests.ml.test_ham10000 import DX, write_ham_layout
 
 # 60 images -> pool ~48; 20% initial + one 20% round -> two rounds (labels ~10, ~20).
 FAST = ["--image-size", "32", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
@@ -110,7 +110,11 @@ def test_run_writes_rows_report_and_paired_initial_sets(finished: Path) -> None:
         assert not set(p["1"]) & set(p["0"]) and len(set(p["1"])) == len(p["1"])
     # round 0 trains the same images with the same seed: identical test metrics
     assert rows[1]["accuracy"] == rows[3]["accuracy"]
-    assert (finished / "report.md").is_file()
+    for row in rows:  # per-class test recall, keyed by the metadata's classes
+        recall = json.loads(row["class_recall"])
+        assert sorted(recall) == sorted(DX)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in recall.values())
+    assert "recall per class at the last round" in (finished / "report.md").read_text()
     assert (finished / "learning-curve-classification.png").stat().st_size > 5_000
     assert len(list((finished / "cache").glob("images-32px-*.npy"))) == 1
 
@@ -135,6 +139,28 @@ def test_resume_from_sidecar_repeats_the_round_exactly(finished: Path, tmp_path:
         assert (out / name).read_text() == (finished / name).read_text()
 
 
+def test_resume_keeps_an_older_csv_header(finished: Path, tmp_path: Path) -> None:
+    """A CSV written before ``class_recall`` existed: resumed rows follow its header, so every
+    line keeps the same number of cells and ``coreloop report`` still reads it."""
+    out = tmp_path / "old"
+    shutil.copytree(finished, out)
+    old_columns = [c for c in simulate.COLUMNS if c != "class_recall"]
+    rows = read_csv(out / "results.csv")[:-1]  # the last round is rerun
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    data = json.loads((out / "run.json").read_text())["data"]
+    argv = ["--data", data, "--out", str(out), "--strategies", ",".join(STRATEGIES),
+            "--seeds", "0", *FAST]  # fmt: skip
+    assert simulate.main(argv) == 0
+    with (out / "results.csv").open(newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0] == old_columns and {len(line) for line in lines} == {len(old_columns)}
+    assert keys(read_csv(out / "results.csv")) == keys(read_csv(finished / "results.csv"))
+    assert "recall per class" not in (out / "report.md").read_text()
+
+
 @pytest.mark.slow  # a U-Net: the slowest test here
 def test_segmentation_run(layout: Path, tmp_path: Path) -> None:
     argv = ["--data", str(layout), "--masks", str(layout / "masks"), "--out", str(tmp_path),
@@ -146,7 +172,7 @@ def test_segmentation_run(layout: Path, tmp_path: Path) -> None:
                                                            ("confident_coreset", "1")]  # fmt: skip
     for row in rows:
         assert 0.0 <= float(row["jaccard"]) <= float(row["dice"]) <= 1.0
-        assert row["accuracy"] == "" and float(row["alpha"]) == 0.5
+        assert row["accuracy"] == row["class_recall"] == "" and float(row["alpha"]) == 0.5
     assert (tmp_path / "learning-curve-segmentation.png").is_file()
 
 

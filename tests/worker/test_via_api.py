@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main as cli_main
-from tests.ml.test_ham10000 import write_ham_layout
+from tests.ml.test_ham10000 import DX, write_ham_layout
 from tests.worker.conftest import Processes, fresh_settings, make_admin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -68,6 +68,11 @@ def test_via_api_runs_the_protocol_through_the_server(
     assert labels[1] - labels[0] == labels[2] - labels[1] == round(0.05 * n_pool)
     metric = "accuracy" if task == "classification" else "jaccard"
     assert all(0.0 <= float(r[metric]) <= 1.0 for r in found)  # measured by the worker
+    if task == "classification":  # the worker's per-class recall, keyed by the classes
+        recalls = [json.loads(r["class_recall"]) for r in found]
+        assert all(sorted(r) == sorted(DX) for r in recalls)
+    else:
+        assert all(r["class_recall"] == "" for r in found)
     assert all(float(r["wall_seconds"]) > 0 and float(r["train_seconds"]) > 0 for r in found)
     journal = json.loads((out / "via-api.json").read_text())
     assert len(journal) == 3 and all(e["label_seconds"] >= 0 for e in journal.values())
