@@ -114,9 +114,7 @@ class SimulationConfig:
 def class_recall_cell(classes: Sequence[str], per_class: Sequence[float | None]) -> str:
     """The ``class_recall`` cell: ``{"akiec": 0.31, ..., "df": null}`` (null: no test image of
     that class), compact JSON so that one column serves any class set."""
-    if len(classes) != len(per_class):
-        raise ValueError(f"{len(per_class)} recalls for {len(classes)} classes")
-    pairs = zip(classes, per_class, strict=True)
+    pairs = zip(classes, per_class, strict=True)  # a length mismatch raises ValueError
     values = {c: None if r is None else round(float(r), 6) for c, r in pairs}
     return json.dumps(values, separators=(",", ":"))
 
@@ -152,9 +150,8 @@ class Results:
         self.csv = out / CSV_NAME
         (out / "selections").mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self.done = {
-            (r["task"], r["strategy"], int(r["seed"]), int(r["round"])) for r in self._rows()
-        }
+        self.columns, rows = self._read()
+        self.done = {(r["task"], r["strategy"], int(r["seed"]), int(r["round"])) for r in rows}
 
     def _repair_tail(self) -> None:
         """Cut a partial last line (a kill during a write) so appended rows stay well-formed."""
@@ -165,28 +162,24 @@ class Results:
             with self.csv.open("r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
 
-    def _rows(self) -> list[dict[str, str]]:
+    def _read(self) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+        """The existing CSV's columns (an older version may lack newer ones; COLUMNS for a new
+        file) and its rows."""
         if not self.csv.is_file():
-            return []
+            return COLUMNS, []
         with self.csv.open(newline="") as handle:
-            return [r for r in csv.DictReader(handle) if r.get("round")]
-
-    def _header(self) -> tuple[str, ...]:
-        """The columns of the existing CSV (an older version may lack newer ones), else COLUMNS."""
-        if not self.csv.is_file() or self.csv.stat().st_size == 0:
-            return COLUMNS
-        with self.csv.open(newline="") as handle:
-            return tuple(next(csv.reader(handle), COLUMNS))
+            reader = csv.DictReader(handle)
+            rows = [r for r in reader if r.get("round")]
+            return tuple(reader.fieldnames or COLUMNS), rows
 
     def append(self, row: dict[str, Any]) -> None:
         """Append one row (fsynced); an older CSV keeps its header, without the newer columns."""
         new = not self.csv.is_file() or self.csv.stat().st_size == 0
-        columns = self._header()
         with self.csv.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
             if new:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in columns})
+            writer.writerow({k: row.get(k, "") for k in self.columns})
             handle.flush()
             os.fsync(handle.fileno())
         self.done.add((row["task"], row["strategy"], int(row["seed"]), int(row["round"])))
