@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ml.augment import POLICIES, AugmentPolicy, DermAugment, flip_augment
+
 Task = Literal["classification", "segmentation"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,10 +75,13 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
     with the ImageNet mean/std; target an int64 scalar tensor (class), a float32 ``[1, H, W]``
     mask, or the int64 scalar -1 when the set is unlabeled.
 
-    With ``augment`` a horizontal flip is applied with probability 0.5 (the paper's only
-    augmentation), to the mask as well. The coin comes from torch's global generator, so a
-    training loop that seeds it per epoch gets the same flips on every run (and in DataLoader
-    workers, whose seeds derive from the loader's generator).
+    ``augment`` is a policy of :mod:`ml.augment`: ``"derm"`` (flips on both axes, 90-degree
+    rotations, a random resized crop and colour jitter; masks follow the geometric steps),
+    ``"flip"`` (the paper's horizontal flip, p = 0.5) or ``"none"``; True means ``"derm"`` and
+    False ``"none"``. Augmentation runs on the uint8 image before normalisation. Its draws come
+    from torch's global generator, so a training loop that seeds it per epoch gets the same
+    augmentations on every run (and in DataLoader workers, whose seeds derive from the loader's
+    generator).
     """
 
     def __init__(
@@ -84,7 +89,7 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
         images: np.ndarray,
         targets: np.ndarray | None = None,
         masks: np.ndarray | None = None,
-        augment: bool = False,
+        augment: AugmentPolicy | bool = False,
     ) -> None:
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
@@ -98,7 +103,12 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
         self.images = images
         self.targets = None if targets is None else targets.astype(np.int64, copy=False)
         self.masks = None if masks is None else masks.astype(np.uint8, copy=False)
-        self.augment = augment
+        if isinstance(augment, bool):
+            augment = "derm" if augment else "none"
+        if augment not in POLICIES:
+            raise ValueError(f"augment must be one of {POLICIES}, got {augment!r}")
+        self.augment: AugmentPolicy = augment
+        self._derm = DermAugment(images.shape[1]) if augment == "derm" else None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -129,22 +139,23 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
             if self.masks.size and self.masks.max() > 1:
                 raise ValueError("masks must hold 0 and 1 only")
 
-    def with_augment(self, augment: bool) -> ImageDataset:
-        """The same arrays (not copied) with augmentation switched on or off."""
+    def with_augment(self, augment: AugmentPolicy | bool) -> ImageDataset:
+        """The same arrays (not copied) with another augmentation policy (False: none)."""
         return ImageDataset(self.images, self.targets, self.masks, augment=augment)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
-        image = (image - _MEAN) / _STD
+        pixels = torch.from_numpy(self.images[index]).permute(2, 0, 1)
+        mask = None if self.masks is None else torch.from_numpy(self.masks[index]).unsqueeze(0)
+        if self._derm is not None:
+            pixels, mask = self._derm(pixels, mask)
+        elif self.augment == "flip":
+            pixels, mask = flip_augment(pixels, mask)
+        image = (pixels.float().div_(255.0) - _MEAN) / _STD
         target: torch.Tensor
-        if self.masks is not None:
-            target = torch.from_numpy(self.masks[index]).float().unsqueeze(0)
+        if mask is not None:
+            target = mask.float()
         elif self.targets is not None:
             target = torch.tensor(self.targets[index], dtype=torch.int64)
         else:
             target = torch.tensor(-1, dtype=torch.int64)
-        if self.augment and bool(torch.rand(()) < 0.5):
-            image = image.flip(-1)
-            if self.masks is not None:
-                target = target.flip(-1)
         return image.contiguous(), target.contiguous(), index

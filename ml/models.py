@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from ml.data import Task
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a weights request fails fast instead of retrying
 import segmentation_models_pytorch as smp  # noqa: E402
 
+SegLoss = Literal["dice", "dice_bce"]
 TAP_CHANNELS = (64, 128, 256, 512)
 FEATURE_DIM = 512
 
@@ -199,9 +200,20 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.
     return 1.0 - (2.0 * intersection + smooth) / (probs.sum(1) + truth.sum(1) + smooth)
 
 
-def target_loss_per_sample(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_loss_per_sample(
+    task: Task, logits: torch.Tensor, targets: torch.Tensor, seg_loss: SegLoss = "dice_bce"
+) -> torch.Tensor:
     """The target model's loss per sample, ``[B]``: cross-entropy (logits ``[B, C]``, targets
-    int64 ``[B]``) or soft Dice (logits and masks ``[B, 1, H, W]``). Computed in float32."""
+    int64 ``[B]``) or, for masks (logits and masks ``[B, 1, H, W]``), soft Dice (``"dice"``, the
+    paper's) or soft Dice + pixel-mean binary cross-entropy (``"dice_bce"``, the default: Dice
+    alone gives small lesions a noisy, flat gradient early on; BCE gives every pixel one).
+    Computed in float32."""
     if task == "classification":
         return F.cross_entropy(logits.float(), targets, reduction="none")
-    return soft_dice_loss(logits, targets)
+    dice = soft_dice_loss(logits, targets)
+    if seg_loss == "dice":
+        return dice
+    if seg_loss != "dice_bce":
+        raise ValueError(f"seg_loss must be 'dice' or 'dice_bce', got {seg_loss!r}")
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return dice + bce.flatten(1).mean(1)

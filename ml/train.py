@@ -36,15 +36,25 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.classification import BinaryJaccardIndex, MulticlassAccuracy
 
+from ml.augment import AugmentPolicy
 from ml.data import ImageDataset, Task
-from ml.models import ActiveModel, build_model, ranking_loss, target_loss_per_sample
+from ml.models import (
+    ActiveModel,
+    SegLoss,
+    build_model,
+    ranking_loss,
+    target_loss_per_sample,
+)
+
+ClassBalance = Literal["none", "loss", "sampler"]
+CLASS_BALANCES: tuple[ClassBalance, ...] = ("none", "loss", "sampler")
 
 CHECKPOINT_FORMAT = "coreloop.ml.checkpoint/1"
 # Config fields that may change between a checkpoint and its resumption (they do not change
@@ -66,7 +76,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     image_size: int = 64
-    augment: bool = True
+    augment: AugmentPolicy = "derm"
+    class_balance: ClassBalance = "sampler"
+    seg_loss: SegLoss = "dice_bce"
     seed: int = 0
     device: str = "auto"
     margin: float = 0.5
@@ -135,6 +147,7 @@ class _Trainer:
     generator: torch.Generator
     device: torch.device
     dtype: torch.dtype | None
+    class_weights: torch.Tensor | None = None
 
     def state(self, epoch: int, config: TrainConfig, history: list[dict[str, float]]) -> dict:
         """A resumable checkpoint after ``epoch`` completed epochs (tensors copied to the CPU)."""
@@ -197,15 +210,29 @@ def _make_trainer(
         raise ValueError(
             f"images are {train_set.image_size}, config.image_size is {config.image_size}"
         )
+    if config.class_balance not in CLASS_BALANCES:
+        raise ValueError(f"class_balance must be one of {CLASS_BALANCES}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(task, num_classes, config.weights_path).to(device)
     batch_size = min(config.batch_size, len(train_set))
     generator = torch.Generator()
+    balance = config.class_balance if task == "classification" else "none"
+    weights = None
+    sampler: WeightedRandomSampler | None = None
+    if balance != "none" and train_set.targets is not None:
+        weights = class_weights(train_set.targets, num_classes)
+        if balance == "sampler":
+            per_sample = weights[torch.from_numpy(train_set.targets)].double().tolist()
+            sampler = WeightedRandomSampler(
+                per_sample, len(train_set), replacement=True, generator=generator
+            )
+            weights = None
     loader = DataLoader(
         train_set.with_augment(config.augment),
         batch_size=batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
         drop_last=len(train_set) % batch_size == 1,
         num_workers=config.num_workers,
@@ -222,7 +249,45 @@ def _make_trainer(
     )
     dtype = amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return _Trainer(model, optimizer, scheduler, scaler, loader, generator, device, dtype)
+    return _Trainer(
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        loader,
+        generator,
+        device,
+        dtype,
+        None if weights is None else weights.to(device),
+    )
+
+
+def recipe(task: Task, config: TrainConfig) -> dict[str, Any]:
+    """The training recipe as recorded with a model version: what handled the imbalance, the
+    augmentation, the loss, the schedule, and whether a warm start was loaded."""
+    return {
+        "augment": config.augment,
+        "class_balance": config.class_balance if task == "classification" else "none",
+        "loss": "cross_entropy" if task == "classification" else config.seg_loss,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "schedule": "adamw+cosine",
+        "image_size": config.image_size,
+        "warm_start": config.weights_path is not None,
+    }
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``N / (K * n_c)`` over the K classes present (0 for an
+    absent class): a class-weighted loss or sampler then gives each present class the same
+    total weight, and the mean weight per sample is 1."""
+    counts = torch.bincount(torch.from_numpy(np.asarray(targets, dtype=np.int64)),
+                            minlength=num_classes).float()  # fmt: skip
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 def _train_one_epoch(
@@ -240,16 +305,21 @@ def _train_one_epoch(
         targets = targets.to(t.device, non_blocking=True)
         with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
             out = t.model(images, detach_taps=detach)
-        per_sample = target_loss_per_sample(t.model.task, out.logits, targets)
+        per_sample = target_loss_per_sample(t.model.task, out.logits, targets, config.seg_loss)
         lp_loss = ranking_loss(out.predicted_loss.float(), per_sample, config.margin)
-        loss = per_sample.mean() + config.loss_weight * lp_loss
+        if t.class_weights is None:
+            target_loss = per_sample.mean()
+        else:  # class-weighted mean; the module still learns the unweighted per-sample loss
+            w = t.class_weights[targets]
+            target_loss = (w * per_sample).sum() / w.sum().clamp(min=1e-12)
+        loss = target_loss + config.loss_weight * lp_loss
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.optimizer)
         t.scaler.update()
         t.scheduler.step()
         n = images.shape[0]
-        sums += torch.stack([loss.detach(), per_sample.mean().detach(), lp_loss.detach()]) * n
+        sums += torch.stack([loss.detach(), target_loss.detach(), lp_loss.detach()]) * n
         seen += n
     loss_sum, target_sum, lp_sum = (sums / max(seen, 1)).tolist()
     return {

@@ -192,7 +192,7 @@ def test_dataset_items_and_flip() -> None:
     assert target.shape == (1, 4, 4) and target.dtype == torch.float32
     red = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     assert image[0, 0, 0].item() == pytest.approx(red, rel=1e-5)
-    augmented = ImageDataset(images, masks=masks, augment=True)
+    augmented = ImageDataset(images, masks=masks, augment="flip")
     torch.manual_seed(0)
     flips = 0
     for _ in range(20):
