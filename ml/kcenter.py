@@ -221,7 +221,11 @@ def _one_blas_thread(active: bool) -> contextlib.AbstractContextManager[Any]:
 class _Greedy:
     """One greedy run. Arrays over the candidates are compacted: a pick is swap-removed (the last
     active slot moves into its place), so ``[:n]`` is always the current candidate set and ties
-    are resolved through ``orig`` (the pool index of each slot)."""
+    are resolved through ``orig`` (the pool index of each slot).
+
+    Groups: ``eligible`` [N] bool limits the candidates (an unlabeled row outside it is neither a
+    candidate nor a centre); with ``groups`` [N] int64 (< 0 = no group) a pick also swap-removes
+    every other candidate of its group, so the run may end with fewer than ``budget`` picks."""
 
     def __init__(
         self,
@@ -232,8 +236,12 @@ class _Greedy:
         alpha: float,
         mode: Mode,
         update: str,
+        eligible: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
-        cand, lab = np.flatnonzero(~labeled), np.flatnonzero(labeled)
+        cand_mask = ~labeled if eligible is None else ~labeled & eligible
+        cand, lab = np.flatnonzero(cand_mask), np.flatnonzero(labeled)
+        self.grp = None if groups is None else ops.put(groups[cand], ops.i64)  # [U] group ids
         self.ops, self.alpha, self.mode, self.n_lab = ops, alpha, mode, len(lab)
         self.xo = ops.features(features)  # [N, D] original rows, read by the direct distances
         self.orig, self.lab = ops.put(cand, ops.i64), ops.put(lab, ops.i64)
@@ -393,54 +401,72 @@ class _Greedy:
         w = ops.cast(self.xs[:n] @ (-2 * x_u), ops.f64)
         return ops.nonzero(w + (1 - self.eps) * nx_u <= self.b2[:n])
 
-    def _update(self, u: Array, pos: Array, n: int) -> None:
-        """Swap-remove slot ``pos`` (the pick, pool index ``u``) and lower ``m`` of the remaining
-        ``n - 1`` candidates by their distance to it (one matrix-vector product)."""
-        ops, xp = self.ops, self.ops.xp
-        x_u, nx_u = ops.row(self.xs, pos), ops.row(self.nx, pos)
-        z_u = None if self.z is None else ops.row(self.z.T, pos)
-        nz_u = None if self.nz is None else ops.row(self.nz, pos)
+    def _remove(self, pos: Array, n: int) -> None:
+        """Swap-remove slot ``pos`` of the ``n`` active ones: the last active slot moves into it.
+        Removing several slots in descending order is safe: the last slot is never one of them."""
+        ops = self.ops
         slots = (self.orig, self.m, self.g, self.xs, self.nx, self.nz, self.b1, self.b2, self.tg)
-        for arr in slots:
+        for arr in (*slots, self.grp):
             if arr is not None:
                 ops.move(arr, pos, n - 1)
         if self.z is not None:
             ops.move(self.z.T, pos, n - 1)
+
+    def _update(self, u: Array, pos: Array, n: int) -> int:
+        """Swap-remove slot ``pos`` (the pick, pool index ``u``) and its group mates, and lower
+        ``m`` of the remaining candidates by their distance to it (one matrix-vector product).
+        Returns the number of remaining candidates."""
+        ops, xp = self.ops, self.ops.xp
+        x_u, nx_u = ops.row(self.xs, pos), ops.row(self.nx, pos)
+        z_u = None if self.z is None else ops.row(self.z.T, pos)
+        nz_u = None if self.nz is None else ops.row(self.nz, pos)
+        group = None if self.grp is None else int(ops.row(self.grp, pos))  # host sync (groups only)
+        self._remove(pos, n)
         n -= 1
+        if group is not None and group >= 0:  # the pick's group mates stop being candidates
+            assert self.grp is not None
+            for s in ops.host(ops.nonzero(self.grp[:n] == group))[::-1].tolist():
+                self._remove(ops.put(np.asarray(s), ops.i64), n)  # descending: see _remove
+                n -= 1
         if n == 0:
-            return
+            return n
         xu64 = ops.cast(ops.row(self.xo, u), ops.f64)
         if self.dense:  # no data-dependent shapes: no host sync on a GPU
             d = ops.dense_direct(self.xo, xu64)
             assert d is not None
             self.m[:n] = xp.minimum(self.m[:n], d[self.orig[:n]])
-            return
+            return n
         idx = self._screen(x_u, nx_u, z_u, nz_u, n)
         if len(idx):
             m = xp.minimum(self.m[idx], self._direct(self.orig[idx], u=xu64))
             self.m[idx], self.b2[idx] = m, self._rhs2(m, self.nx[idx])
             if self.b1 is not None and self.nz is not None:
                 self.b1[idx] = self._rhs1(m, self.nz[idx], self.nx[idx])
+        return n
 
     def run(self, budget: int) -> KCenterResult:
-        """B' = min(budget, U) greedy picks (Algorithm 1); one host copy at the end."""
+        """B' = min(budget, U) greedy picks (Algorithm 1), fewer when groups run out; one host
+        copy at the end."""
         ops, n = self.ops, len(self.orig)
         b = min(budget, n)
         rec = ops.full((b, 8), math.nan, ops.f64)  # pool index (exact in float64) + stats
+        t = 0
         with _one_blas_thread(self.big):
-            for t in range(b):
-                self._step(t, n - t, rec)
-        return self._result(ops.host(rec))
+            while t < b and n > 0:
+                n = self._step(t, n, rec)
+                t += 1
+        return self._result(ops.host(rec[:t]))
 
-    def _step(self, t: int, n: int, rec: Array) -> None:
-        """Greedy step ``t`` over the ``n`` current candidates: pick, record, update."""
+    def _step(self, t: int, n: int, rec: Array) -> int:
+        """Greedy step ``t`` over the ``n`` current candidates: pick, record, update; returns
+        the number of candidates left."""
         ops, xp = self.ops, self.ops.xp
         score, stats = self._score(n, seed=t == 0 and self.n_lab == 0)
         best = score.max()
         pos = xp.where(score == best, self.orig[:n], _BIG).argmin()  # ties: lowest index
         u = ops.row(self.orig, pos)
         ops.store(rec, t, [u, ops.row(self.m, pos), ops.row(self.g, pos), *stats, best])
-        self._update(u, pos, n)
+        return self._update(u, pos, n)
 
     def _result(self, rec: np.ndarray) -> KCenterResult:
         """Assemble the result; ``combined`` is the paper-form score of each pick (eq. 5: the
@@ -470,6 +496,8 @@ def confident_kcenter(
     device: str = "cpu",
     backend: str = "auto",
     update: str = "auto",
+    eligible: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> KCenterResult:
     """Greedy confident k-center over the pool (Algorithm 1 with eq. 5, or eq. 6 / rank fusion).
 
@@ -478,7 +506,10 @@ def confident_kcenter(
     ranking, see ``ml.selection``). ``device``: ``cpu`` (numpy, the faster CPU path) or a torch
     device; ``backend='torch'`` forces torch on ``cpu``. ``update``: ``auto`` (dense on a GPU,
     screened on CPU), ``dense`` (torch only) or ``screened``. Inputs are assumed validated
-    (``ml.selection.select`` does it). Returns the picks in order, see :class:`KCenterResult`.
+    (``ml.selection.select`` does it). ``eligible`` bool [N]: the only rows that may be picked
+    (default: every unlabeled row); ``groups`` int [N] (< 0 = none): no two picks share a group,
+    so fewer than ``budget`` picks come back when the groups run out (on a GPU, one host sync per
+    pick). Returns the picks in order, see :class:`KCenterResult`.
     """
     if mode == "product" and not 0.0 < alpha <= 1.0:
         raise ValueError(f"confident_kcenter needs 0 < alpha <= 1, got {alpha}")
@@ -490,9 +521,11 @@ def confident_kcenter(
     if update == "dense" and not isinstance(ops, _TorchOps):
         raise ValueError("update='dense' needs the torch backend")
     labeled = np.asarray(labeled, dtype=bool)
-    if budget <= 0 or labeled.all():
+    if budget <= 0 or not (~labeled if eligible is None else ~labeled & eligible).any():
         empty = np.zeros(0, dtype=np.float64)
         return KCenterResult(np.zeros(0, dtype=np.int64), empty, empty.copy())
-    greedy = _Greedy(ops, np.asarray(features), labeled, predicted_loss, alpha, mode, update)
+    greedy = _Greedy(
+        ops, np.asarray(features), labeled, predicted_loss, alpha, mode, update, eligible, groups
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         return greedy.run(budget)

@@ -15,7 +15,20 @@ always go to the lowest pool index.
                           candidates, recomputed each step (alpha ignored)
 ``sequential``            ablation: ``min(ceil(B/2), #unlabeled)`` by predicted loss, the rest by
                           plain k-center with those picks added to the labeled set
+``vaal``                  VAAL (Sinha et al. 2019, :mod:`ml.vaal`): top-B by ``1 - D(mu)``, the
+                          discriminator's "unlabeled" score; needs ``images`` [N, H, W, 3]
+                          uint8 (the other strategies ignore them); listed by
+                          ``strategy_names(images=True)`` only, apart from the feature strategies
 ========================  =====================================================================
+
+Groups (e.g. HAM10000 ``lesion_id``, one int per pool row, < 0 = none): with ``groups`` no batch
+of any strategy holds two rows of one group, and with ``exclude_labeled_groups`` none of a group
+that already has a labeled row. The ranking strategies walk their ranking and skip a row whose
+group is already picked; ``random`` takes a seeded permutation the same way; the k-center greedy
+drops a pick's group mates from its candidates (``ml.kcenter``). ``B'`` is then smaller than the
+budget when the groups run out. The wrapper re-checks every strategy's picks against the rule
+(a new strategy should still pick through ``_top``, ``_kcenter`` or ``_first_per_group`` to fill
+its budget).
 
 The k-center conventions (empty labeled set, constant terms, rank ties) are documented in
 :mod:`ml.kcenter`. ``Selection.combined`` holds the score each pick maximised: the eq. 5 / eq. 6
@@ -65,10 +78,47 @@ class _Pool:
     alpha: float | None
     seed: int
     device: str
+    groups: np.ndarray | None = None  # int64 [N], < 0 = no group
+    eligible: np.ndarray | None = None  # bool [N]: rows outside it are never picked (None: all)
+    images: np.ndarray | None = None  # uint8 [N, H, W, 3], for the image strategies (vaal)
 
     @property
     def unlabeled(self) -> np.ndarray:
         return np.flatnonzero(~self.labeled)
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """Pool indices that may be picked: unlabeled and eligible."""
+        mask = ~self.labeled if self.eligible is None else ~self.labeled & self.eligible
+        return np.flatnonzero(mask)
+
+
+def _first_per_group(groups: np.ndarray | None, order: np.ndarray) -> np.ndarray:
+    """``order`` (pool indices, best first) without the rows whose group appeared earlier in it;
+    rows of group < 0 are always kept."""
+    if groups is None or len(order) == 0:
+        return order
+    g = groups[order]
+    keep = g < 0
+    keep[np.unique(g, return_index=True)[1]] = True  # first occurrence of each group id
+    return order[keep]
+
+
+def _groups(
+    groups: np.ndarray | None, labeled: np.ndarray, exclude: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(groups int64 [N] or None, eligible bool [N] or None), validated: with ``exclude`` a row
+    whose group has a labeled row is not eligible."""
+    if groups is None:
+        return None, None
+    arr = np.asarray(groups)
+    if arr.shape != labeled.shape or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"groups must be an int array of shape {labeled.shape}, got {arr.shape}")
+    arr = arr.astype(np.int64)
+    if not exclude:
+        return arr, None
+    taken = np.unique(arr[labeled & (arr >= 0)])
+    return arr, ~np.isin(arr, taken)
 
 
 def _finite(name: str, a: np.ndarray | None, ndim: int, n: int) -> np.ndarray | None:
@@ -97,6 +147,8 @@ def _validate(
     probs: np.ndarray | None,
     seed: int,
     device: str,
+    groups: np.ndarray | None = None,
+    exclude_labeled_groups: bool = False,
 ) -> _Pool:
     """Check shapes, dtypes, ranges and the inputs strategy ``name`` needs (``needs`` lists
     them: f = features, g = predicted_loss, p = probs)."""
@@ -117,6 +169,7 @@ def _validate(
         None if alpha is None else float(alpha),
         int(seed),
         device,
+        *_groups(groups, lab, exclude_labeled_groups),
     )
     if pool.probs is not None and (pool.probs < 0).any():
         raise ValueError("probs must be non-negative softmax probabilities")
@@ -137,10 +190,11 @@ def _finish(pool: _Pool, idx: np.ndarray, dist: np.ndarray | None, comb: np.ndar
 
 
 def _top(pool: _Pool, score: np.ndarray, k: int | None = None) -> Selection:
-    """Top-k unlabeled rows by ``score`` [N], descending, ties to the lowest index."""
-    unl = pool.unlabeled
+    """Top-k candidate rows by ``score`` [N], descending, ties to the lowest index, skipping a
+    row whose group is already picked."""
+    unl = pool.candidates
     k = min(pool.budget if k is None else k, len(unl))
-    idx = unl[np.argsort(-score[unl], kind="stable")[:k]]
+    idx = _first_per_group(pool.groups, unl[np.argsort(-score[unl], kind="stable")])[:k]
     return _finish(pool, idx, None, score[idx])
 
 
@@ -155,16 +209,21 @@ def _kcenter(pool: _Pool, alpha: float, mode: Mode = "product") -> Selection:
         predicted_loss=pool.g,
         mode=mode,
         device=pool.device,
+        eligible=pool.eligible,
+        groups=pool.groups,
     )
     return _finish(pool, res.indices, res.min_distance, res.combined)
 
 
 def _random(pool: _Pool) -> Selection:
-    """Uniform sample without replacement, reproducible for a given ``seed``."""
-    unl = pool.unlabeled
-    k = min(pool.budget, len(unl))
-    idx = np.random.default_rng(pool.seed).choice(unl, size=k, replace=False)
-    return _finish(pool, idx, None, np.full(k, math.nan))
+    """Uniform sample without replacement, reproducible for a given ``seed``; with groups, the
+    first row of each group in a seeded permutation of the candidates."""
+    unl, rng = pool.candidates, np.random.default_rng(pool.seed)
+    if pool.groups is None:
+        idx = rng.choice(unl, size=min(pool.budget, len(unl)), replace=False)
+    else:
+        idx = _first_per_group(pool.groups, rng.permutation(unl))[: pool.budget]
+    return _finish(pool, idx, None, np.full(len(idx), math.nan))
 
 
 def _entropy(pool: _Pool) -> Selection:
@@ -195,7 +254,15 @@ def _sequential(pool: _Pool) -> Selection:
     first = _top(pool, pool.g, math.ceil(pool.budget / 2))
     labeled = pool.labeled.copy()
     labeled[first.indices] = True
-    rest = _kcenter(replace(pool, labeled=labeled, budget=pool.budget - len(first.indices)), 1.0)
+    eligible = pool.eligible
+    if pool.groups is not None:  # the first half's groups are taken for the second half
+        picked = pool.groups[first.indices]
+        free = ~np.isin(pool.groups, picked[picked >= 0])
+        eligible = free if eligible is None else eligible & free
+    rest = _kcenter(
+        replace(pool, labeled=labeled, eligible=eligible, budget=pool.budget - len(first.indices)),
+        1.0,
+    )
     return Selection(
         *(
             np.concatenate([getattr(first, f), getattr(rest, f)])
@@ -204,12 +271,38 @@ def _sequential(pool: _Pool) -> Selection:
     )
 
 
+def _vaal(pool: _Pool) -> Selection:
+    """VAAL (:mod:`ml.vaal`, trained on the pool's images with ``seed``): top-B by the
+    discriminator's "unlabeled" score ``1 - D(mu)``."""
+    from ml.vaal import vaal_scores  # torch: imported only when asked for
+
+    assert pool.images is not None
+    if min(pool.budget, len(pool.candidates)) == 0:  # nothing to pick: no training
+        return _top(pool, np.zeros(len(pool.labeled)))
+    return _top(pool, vaal_scores(pool.images, pool.labeled, seed=pool.seed, device=pool.device))
+
+
 def _needs(strategy: str, alpha: float | None) -> str:
     """Inputs ``strategy`` needs: f = features, g = predicted_loss, p = probs."""
     if strategy == "confident_coreset":
         a = DEFAULT_ALPHA if alpha is None else alpha
         return "g" if a == 0.0 else "f" if a == 1.0 else "fg"
-    return {"random": "", "entropy": "p", "learning_loss": "g", "coreset": "f"}.get(strategy, "fg")
+    needs = {"random": "", "entropy": "p", "learning_loss": "g", "coreset": "f", "vaal": ""}
+    return needs.get(strategy, "fg")
+
+
+def _keep_group_rule(pool: _Pool, sel: Selection) -> Selection:
+    """``sel`` without picks that break the group rule (a no-op for the strategies here, which
+    pick by it; a guard for any strategy added later)."""
+    if pool.groups is None:
+        return sel
+    idx = _first_per_group(pool.groups, sel.indices)
+    if pool.eligible is not None:
+        idx = idx[pool.eligible[idx]]
+    if len(idx) == len(sel.indices):
+        return sel
+    keep = np.isin(sel.indices, idx)
+    return Selection(*(getattr(sel, f)[keep] for f in Selection.__dataclass_fields__))
 
 
 def _strategy(name: str, run: Callable[[_Pool], Selection]) -> Callable[..., Selection]:
@@ -225,6 +318,9 @@ def _strategy(name: str, run: Callable[[_Pool], Selection]) -> Callable[..., Sel
         probs: np.ndarray | None = None,
         seed: int = 0,
         device: str = "cpu",
+        groups: np.ndarray | None = None,
+        exclude_labeled_groups: bool = False,
+        images: np.ndarray | None = None,
     ) -> Selection:
         pool = _validate(
             name,
@@ -237,8 +333,16 @@ def _strategy(name: str, run: Callable[[_Pool], Selection]) -> Callable[..., Sel
             probs,
             seed,
             device,
+            groups,
+            exclude_labeled_groups,
         )
-        return run(pool)
+        if name in IMAGE_STRATEGIES:
+            if images is None:
+                raise ValueError(f"strategy {name!r} needs images")
+            from ml.vaal import check_images
+
+            pool = replace(pool, images=check_images(images, len(pool.labeled)))
+        return _keep_group_rule(pool, run(pool))
 
     strategy.__name__ = strategy.__qualname__ = name
     strategy.__doc__ = run.__doc__
@@ -260,9 +364,15 @@ STRATEGIES: dict[str, Callable[..., Selection]] = {
 }
 
 
-def strategy_names() -> list[str]:
-    """Names of the registered strategies, in registry order."""
-    return list(STRATEGIES)
+# Strategies that need the pool's images (``select(..., images=...)``), kept apart so that the
+# callers that pass model outputs only (``strategy_names()``: the worker) never meet them.
+IMAGE_STRATEGIES: dict[str, Callable[..., Selection]] = {"vaal": _strategy("vaal", _vaal)}
+
+
+def strategy_names(images: bool = False) -> list[str]:
+    """Names of the registered strategies, in registry order; with ``images``, the image
+    strategies (``vaal``) after them."""
+    return list(STRATEGIES) + (list(IMAGE_STRATEGIES) if images else [])
 
 
 def select(
@@ -276,17 +386,26 @@ def select(
     probs: np.ndarray | None = None,
     seed: int = 0,
     device: str = "cpu",
+    groups: np.ndarray | None = None,
+    exclude_labeled_groups: bool = False,
+    images: np.ndarray | None = None,
 ) -> Selection:
     """Pick the next ``min(budget, #unlabeled)`` pool rows with ``strategy``.
 
     features: float [N, D] over the whole pool; labeled: bool [N]; predicted_loss: float [N];
     probs: float [N, C] softmax; alpha in [0, 1] (``confident_coreset``: eq. 5 weight, default
     0.25); seed: for ``random``; device: ``cpu`` (numpy) or a torch device for the k-center
-    strategies. Raises ValueError for an unknown strategy, a missing or malformed input.
+    strategies. groups: int [N] group id per row (< 0 = none): no two picks share a group, and
+    with ``exclude_labeled_groups`` no pick shares a labeled row's group; fewer than ``budget``
+    picks come back when the groups run out. images: uint8 [N, H, W, 3], the pool's images, for
+    ``vaal`` (ignored by the others). Raises ValueError for an unknown strategy, a missing or
+    malformed input.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(strategy_names())}")
-    return STRATEGIES[strategy](
+    registry = {**STRATEGIES, **IMAGE_STRATEGIES}
+    if strategy not in registry:
+        known = ", ".join(strategy_names(images=True))
+        raise ValueError(f"unknown strategy {strategy!r}; known: {known}")
+    return registry[strategy](
         features=features,
         labeled=labeled,
         budget=budget,
@@ -295,4 +414,7 @@ def select(
         probs=probs,
         seed=seed,
         device=device,
+        groups=groups,
+        exclude_labeled_groups=exclude_labeled_groups,
+        images=images,
     )
