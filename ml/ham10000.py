@@ -271,3 +271,43 @@ def load_ham10000(
     if task == "segmentation":
         return LoadedData(index, images, None, load_cached(index, size, cache_dir, masks=True), 1)
     return LoadedData(index, images, index.labels, None, len(index.classes))
+
+
+def stratified_lesion_rows(
+    lesion_ids: np.ndarray, labels: np.ndarray, limit: int, seed: int = 0
+) -> np.ndarray:
+    """Sorted rows of whole lesions holding at most ``limit`` images, each class (``labels``; one
+    lesion has one class) getting its share of ``limit`` in proportion to its image count, and at
+    least one lesion while the limit allows. Seeded (the same subset for every run seed).
+
+    Classes are filled from the rarest up, each from a seeded random order of its lesions; what a
+    class leaves unused (lesion sizes do not add up to its share) passes to the next, so the most
+    common class takes up the rest."""
+    lesion_ids, labels = np.asarray(lesion_ids), np.asarray(labels)
+    if limit >= len(lesion_ids):
+        return np.arange(len(lesion_ids), dtype=np.int64)
+    _, members = _groups(lesion_ids)
+    lesion_class = np.array([labels[m[0]] for m in members])
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    left, left_count = limit, len(labels)
+    for c in np.argsort(counts, kind="stable"):
+        lesions = rng.permutation(np.flatnonzero(lesion_class == classes[c]))
+        smallest = min(len(members[g]) for g in lesions)
+        share = min(left, max(round(left * counts[c] / left_count), smallest))
+        taken = 0
+        for g in lesions:
+            if taken + len(members[g]) <= share:
+                chosen.append(members[g])
+                taken += len(members[g])
+        left, left_count = left - taken, left_count - counts[c]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def limit_by_lesion_stratified(index: HamIndex, limit: int, seed: int = 0) -> HamIndex:
+    """:func:`limit_by_lesion`, but stratified by class (:func:`stratified_lesion_rows`): a small
+    ``limit`` still has every class in its proportion."""
+    if limit >= len(index):
+        return index
+    return index.subset(stratified_lesion_rows(index.lesion_ids, index.labels, limit, seed))

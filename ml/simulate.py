@@ -31,13 +31,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ml.augment import POLICIES, AugmentPolicy
 from ml.data import ImageDataset, Task
+from ml.determinism import DEFAULT_THREADS, make_deterministic
 from ml.ham10000 import LoadedData, lesion_split, load_ham10000
 from ml.infer import score_pool
-from ml.models import ActiveModel
-from ml.report import build_report
-from ml.selection import select, strategy_names
-from ml.train import TrainConfig, evaluate, resolve_device, train_model
+from ml.models import ActiveModel, SegLoss
+from ml.pretrain import PretrainConfig, pretrain_cached
+from ml.report import build_report, class_counts_cell
+from ml.selection import IMAGE_STRATEGIES, select, strategy_names
+from ml.train import (
+    CLASS_BALANCES,
+    ClassBalance,
+    TrainConfig,
+    evaluate,
+    resolve_device,
+    train_model,
+)
 
 FULL = "full"
 FULL_ROUND = 999  # the full-data model's training-seed round
@@ -51,27 +61,34 @@ METRIC_COLUMNS = {
 COLUMNS = (
     "task", "strategy", "seed", "round", "labels", "fraction", "accuracy", "balanced_accuracy",
     "jaccard", "dice", "train_seconds", "select_seconds", "wall_seconds", "n_pool", "n_test",
-    "image_size", "epochs", "alpha", "class_recall",
+    "image_size", "epochs", "alpha", "class_recall", "class_counts",
 )  # fmt: skip
 # Settings a resumed run must share with the run that wrote its out folder.
 FIXED_SETTINGS = (
     "task", "data", "masks", "image_size", "epochs", "batch_size", "alpha", "initial_fraction",
-    "budget_fraction", "final_fraction", "test_fraction", "limit",
+    "budget_fraction", "final_fraction", "test_fraction", "limit", "augment", "class_balance",
+    "seg_loss", "group_lesions", "warm_start_epochs",
 )  # fmt: skip
 _CLS5 = "random,entropy,coreset,learning_loss,confident_coreset"
+# The recipe the measured presets ran with (docs/results), before issue 12 changed the defaults:
+# the paper's flip, no imbalance handling, Dice alone. Pinned so their commands still reproduce
+# their figures.
+_PAPER_RECIPE = dict(augment="flip", class_balance="none", seg_loss="dice")
 PRESETS: dict[str, dict[str, Any]] = {
     # Arithmetic in docs/benchmarks.md: ~65 min estimated at ~190 img/s train, ~720 img/s eval.
     "cpu-cls": dict(task="classification", strategies=_CLS5, seeds="0,1,2", image_size=64,
-                    epochs=3, final_fraction=0.35, device="cpu"),
+                    epochs=3, final_fraction=0.35, device="cpu", **_PAPER_RECIPE),
     # ISIC-2017-sized (2,500 images: pool ~2,000, test ~500); ~60 min estimated.
     "cpu-seg": dict(task="segmentation", strategies="random,confident_coreset", seeds="0,1,2",
-                    image_size=64, epochs=10, limit=2500, final_fraction=0.40, device="cpu"),
+                    image_size=64, epochs=10, limit=2500, final_fraction=0.40, device="cpu",
+                    **_PAPER_RECIPE),
     # A short GPU check: 224 px, 10 epochs, one seed; ~5 min per seed on one H200 (measured).
     "gpu-short": dict(task="classification", strategies="random,confident_coreset", seeds="0",
                       image_size=224, epochs=10, batch_size=64, final_fraction=0.40,
-                      device="cuda", num_workers=4),
+                      device="cuda", num_workers=4, **_PAPER_RECIPE),
     "gpu": dict(strategies=",".join(strategy_names()), seeds="0,1,2,3,4", image_size=224,
-                epochs=50, batch_size=64, final_fraction=0.40, device="cuda", num_workers=4),
+                epochs=50, batch_size=64, final_fraction=0.40, device="cuda", num_workers=4,
+                **_PAPER_RECIPE),
 }  # fmt: skip
 
 
@@ -98,6 +115,13 @@ class SimulationConfig:
     full: bool = True
     num_workers: int = 0
     progress: bool = True
+    augment: AugmentPolicy = "derm"
+    class_balance: ClassBalance = "sampler"
+    seg_loss: SegLoss = "dice_bce"
+    deterministic: bool = False
+    threads: int | None = None
+    group_lesions: str = "off"
+    warm_start_epochs: int = 0
 
     @property
     def resolved_alpha(self) -> float:
@@ -227,6 +251,7 @@ class SeedSplit:
     test: ImageDataset
     pool_set: ImageDataset
     sizes: list[int]
+    weights_path: str | None = None
 
 
 class Simulation:
@@ -250,13 +275,23 @@ class Simulation:
         pool, test = lesion_split(index.lesion_ids, c.test_fraction, seed, index.labels)
         sizes = schedule(len(pool), c.initial_fraction, c.budget_fraction, c.final_fraction)
         pool_set = self.data.dataset(pool, labeled=False)
-        return SeedSplit(seed, pool, self.data.dataset(test), pool_set, sizes)
+        weights = None
+        if c.warm_start_epochs > 0:  # SimCLR on this seed's pool images (never the test split)
+            pre = PretrainConfig(epochs=c.warm_start_epochs, image_size=c.image_size, seed=seed,
+                                 device=c.device)  # fmt: skip
+            self.bar.set_postfix_str(f"seed {seed} warm start")
+            weights = str(pretrain_cached(pool_set.images, pre, c.out / "cache"))
+        return SeedSplit(seed, pool, self.data.dataset(test), pool_set, sizes, weights)
 
-    def train(self, rows: np.ndarray, seed: int) -> tuple[ActiveModel, float]:
+    def train(
+        self, rows: np.ndarray, seed: int, weights_path: str | None = None
+    ) -> tuple[ActiveModel, float]:
         """Train on ``rows`` with the shared recipe; returns the model and its seconds."""
         c = self.config
         config = TrainConfig(epochs=c.epochs, batch_size=c.batch_size, image_size=c.image_size,
-                             seed=seed, device=c.device, num_workers=c.num_workers)  # fmt: skip
+                             seed=seed, device=c.device, num_workers=c.num_workers,
+                             augment=c.augment, class_balance=c.class_balance,
+                             seg_loss=c.seg_loss, weights_path=weights_path)  # fmt: skip
         with tqdm(total=c.epochs, desc="epochs", leave=False, disable=not c.progress) as bar:
 
             def on_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
@@ -269,9 +304,11 @@ class Simulation:
                                  on_epoch=on_epoch)  # fmt: skip
         return result.model, time.perf_counter() - began
 
-    def row(self, s: SeedSplit, strategy: str, rnd: int, labels: int,
+    def row(self, s: SeedSplit, strategy: str, rnd: int, labeled: np.ndarray,
             model: ActiveModel) -> dict[str, Any]:  # fmt: skip
-        """A CSV row with the test metrics of ``model`` (timings are added by :meth:`record`)."""
+        """A CSV row with the test metrics of ``model`` and the class counts of its labeled
+        data rows (timings are added by :meth:`record`)."""
+        labels = len(labeled)
         c = self.config
         scores = evaluate(model, s.test, batch_size=max(64, c.batch_size), device=self.device)
         row: dict[str, Any] = dict(
@@ -283,6 +320,9 @@ class Simulation:
         if "per_class_recall" in scores:
             recall = scores["per_class_recall"]
             row["class_recall"] = class_recall_cell(self.data.index.classes, recall)
+            row["class_counts"] = class_counts_cell(
+                self.data.index.classes, self.data.index.labels[labeled]
+            )
         return row
 
     def record(self, row: dict[str, Any], began: float, train_s: float, select_s: float) -> None:
@@ -300,21 +340,28 @@ class Simulation:
             return
         began = time.perf_counter()
         self.bar.set_postfix_str(f"seed {s.seed} full")
-        model, train_s = self.train(s.pool, train_seed(s.seed, FULL_ROUND))
-        self.record(self.row(s, FULL, 0, len(s.pool), model), began, train_s, 0.0)
+        model, train_s = self.train(s.pool, train_seed(s.seed, FULL_ROUND), s.weights_path)
+        self.record(self.row(s, FULL, 0, s.pool, model), began, train_s, 0.0)
 
     def pick(self, s: SeedSplit, strategy: str, model: ActiveModel, labeled: np.ndarray,
              budget: int, rnd: int) -> np.ndarray:  # fmt: skip
         """Score the whole pool (not for ``random``) and select ``budget`` more images; returns
         their data rows."""
         scores: dict[str, Any] = dict(features=None)
-        if strategy != "random":
+        if strategy in IMAGE_STRATEGIES:  # VAAL learns from the images, not the model
+            scores = dict(features=None, images=s.pool_set.images)
+        elif strategy != "random":
             batch = max(64, 2 * self.config.batch_size)
             out = score_pool(model, s.pool_set, batch_size=batch, device=self.device)
             scores = dict(features=out.features, predicted_loss=out.predicted_loss, probs=out.probs)
+        groups = None
+        if self.config.group_lesions != "off":  # one image per lesion in a batch
+            groups = np.unique(self.data.index.lesion_ids[s.pool], return_inverse=True)[1]
         chosen = select(strategy, labeled=np.isin(s.pool, labeled), budget=budget,
                         alpha=self.config.resolved_alpha, seed=train_seed(s.seed, rnd),
-                        device=self.device, **scores)  # fmt: skip
+                        device=self.device, groups=groups,
+                        exclude_labeled_groups=self.config.group_lesions == "exclude-labeled",
+                        **scores)  # fmt: skip
         return s.pool[chosen.indices]
 
     @staticmethod
@@ -338,8 +385,8 @@ class Simulation:
             began = time.perf_counter()
             self.bar.set_postfix_str(f"seed {s.seed} {strategy} round {rnd}")
             labeled = self.labeled_rows(picks, rnd, size, sidecar)
-            model, train_s = self.train(labeled, train_seed(s.seed, rnd))
-            row = self.row(s, strategy, rnd, size, model)
+            model, train_s = self.train(labeled, train_seed(s.seed, rnd), s.weights_path)
+            row = self.row(s, strategy, rnd, labeled, model)
             select_s = 0.0
             if rnd + 1 < len(s.sizes):
                 t0 = time.perf_counter()
@@ -375,13 +422,18 @@ def run_simulation(
 
     ``after_round(row)`` is called after each row is stored (tests raise in it to simulate a
     crash)."""
-    unknown = [s for s in config.strategies if s not in strategy_names()]
+    known = strategy_names(images=True)
+    unknown = [s for s in config.strategies if s not in known]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; known: {', '.join(strategy_names())}")
+        raise ValueError(f"unknown strategies {unknown}; known: {', '.join(known)}")
     if config.task == "segmentation" and "entropy" in config.strategies:
         raise ValueError("entropy needs class probabilities: drop it for segmentation")
     if resolve_device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
+    if config.deterministic:
+        make_deterministic(config.threads or DEFAULT_THREADS)
+    elif config.threads:
+        torch.set_num_threads(config.threads)
     check_run_file(config)
     data = load_ham10000(
         config.data,
@@ -408,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="results folder (default artifacts/simulate-<task>)")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
     p.add_argument("--strategies", default="random,confident_coreset",
-                   help=f"comma list of: {', '.join(strategy_names())}")  # fmt: skip
+                   help=f"comma list of: {', '.join(strategy_names(images=True))}")  # fmt: skip
     p.add_argument("--seeds", default="0", help="comma list of run seeds, e.g. 0,1,2")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=10)
@@ -421,6 +473,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.20)
     p.add_argument("--limit", type=int, help="use only N images (whole lesions), for smoke runs")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for training")
+    p.add_argument(
+        "--augment",
+        choices=POLICIES,
+        default="derm",
+        help="training augmentation: derm (default), flip (the paper's), none",
+    )
+    p.add_argument(
+        "--class-balance",
+        choices=CLASS_BALANCES,
+        default="sampler",
+        help="imbalance handling: sampler (default), loss (class-weighted), none",
+    )
+    p.add_argument("--seg-loss", choices=("dice_bce", "dice"), default="dice_bce")
+    p.add_argument(
+        "--group-lesions",
+        choices=("off", "batch", "exclude-labeled"),
+        default="off",
+        help="batch: no batch holds two images of one lesion; exclude-labeled: nor an image "
+        "of a lesion already labeled",
+    )
+    p.add_argument(
+        "--warm-start-epochs",
+        type=int,
+        default=0,
+        help="SimCLR epochs on each seed's pool before its rounds (0: none; ml.pretrain)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="repeatable CPU runs: fixed threads, AVX2 kernels (docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--threads", type=int, help=f"torch threads (--deterministic: {DEFAULT_THREADS})"
+    )
     p.add_argument("--no-full", action="store_true", help="skip the full-data reference model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -453,7 +539,10 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         device=args.device, alpha=args.alpha, initial_fraction=args.initial_fraction,
         budget_fraction=args.budget_fraction, final_fraction=args.final_fraction,
         test_fraction=args.test_fraction, limit=args.limit, full=not args.no_full,
-        num_workers=args.num_workers, progress=not args.no_progress,
+        num_workers=args.num_workers, progress=not args.no_progress, augment=args.augment,
+        class_balance=args.class_balance, seg_loss=args.seg_loss,
+        deterministic=args.deterministic, threads=args.threads, group_lesions=args.group_lesions,
+        warm_start_epochs=args.warm_start_epochs,
     )  # fmt: skip
 
 

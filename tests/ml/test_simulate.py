@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ml import simulate
+from ml.ham10000 import read_ham10000
 from ml.simulate import SimulationConfig, parse_args, run_simulation, schedule
 from tests.ml.test_ham10000 import DX, write_ham_layout
 
@@ -185,6 +186,10 @@ def test_presets_are_defaults_that_flags_override() -> None:
     assert seg.task == "segmentation" and seg.strategies == "random,confident_coreset"
     gpu = parse_args(["--preset", "gpu"])
     assert gpu.image_size == 224 and gpu.device == "cuda"
+    # The measured presets keep the recipe they were measured with; no preset: the new one.
+    assert (args.augment, args.class_balance, seg.seg_loss) == ("flip", "none", "dice")
+    plain = parse_args(["--data", "x"])
+    assert (plain.augment, plain.class_balance, plain.seg_loss) == ("derm", "sampler", "dice_bce")
 
 
 def test_cli_errors(
@@ -192,7 +197,7 @@ def test_cli_errors(
 ) -> None:
     assert simulate.main(["--via-api", "http://localhost:8000", "--data", str(layout)]) == 2
     assert "coreloop simulate --via-api URL" in capsys.readouterr().err
-    assert simulate.main(["--data", str(layout), "--strategies", "random,vaal", *FAST]) == 2
+    assert simulate.main(["--data", str(layout), "--strategies", "random,bogus", *FAST]) == 2
     assert "unknown strategies" in capsys.readouterr().err
     argv = ["--data", str(layout), "--out", str(finished), "--strategies", "random", *FAST]
     assert simulate.main([*argv, "--epochs", "2"]) == 2  # the out folder holds a 1-epoch run
@@ -205,3 +210,27 @@ def test_cli_errors(
         cuda = ["--data", str(layout), "--out", str(finished), "--device", "cuda"]
         assert simulate.main(cuda) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_group_lesions_and_class_counts(layout: Path, tmp_path: Path) -> None:
+    """--group-lesions batch: no round's picks hold two images of one lesion; every row records
+    the class counts of its labeled set; the VAAL arm runs from the images."""
+    out = tmp_path / "groups"
+    args = ["--data", str(layout), "--out", str(out), "--strategies", "random,vaal",
+            "--group-lesions", "batch", "--augment", "flip", *FAST]  # fmt: skip
+    assert simulate.main(args) == 0
+    index = read_ham10000(layout)
+    for strategy in ("random", "vaal"):
+        picks = json.loads(
+            (out / "selections" / f"classification-{strategy}-seed0.json").read_text()
+        )
+        batch = picks["1"]
+        assert len(batch) > 0
+        lesions = [index.lesion_ids[r] for r in batch]
+        assert len(set(lesions)) == len(lesions)
+    rows = read_csv(out / "results.csv")
+    for row in rows:
+        counts = json.loads(row["class_counts"])
+        assert set(counts) == set(DX) and sum(counts.values()) == int(row["labels"])
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["group_lesions"] == "batch" and saved["augment"] == "flip"
