@@ -114,23 +114,82 @@ def _run_db(args: argparse.Namespace) -> int:
 # -- users -------------------------------------------------------------------------------------
 
 
+def _expiry_days(text: str) -> int:
+    value = _positive_int(text)
+    if value > 3650:
+        raise argparse.ArgumentTypeError(f"must be at most 3650 days, not {value}")
+    return value
+
+
+def _add_expires_in(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expires-in",
+        type=_expiry_days,
+        metavar="DAYS",
+        help="the token expires after DAYS days (default: never)",
+    )
+
+
 def _configure_users(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="users_command", required=True, metavar="{create}")
+    sub = parser.add_subparsers(
+        dest="users_command", required=True, metavar="{create,revoke,rotate}"
+    )
     create = sub.add_parser("create", help="create a user and print their API token once")
     create.add_argument("--name", required=True)
-    create.add_argument("--role", choices=["admin", "annotator"], default="annotator")
+    create.add_argument(
+        "--role",
+        choices=["admin", "annotator", "integration"],
+        default="annotator",
+        help="integration: Label Studio's credential, for /ls/* only",
+    )
+    _add_expires_in(create)
+    revoke = sub.add_parser(
+        "revoke", help="make a user's token stop working (no new one until rotate)"
+    )
+    revoke.add_argument("user", help="user name or id")
+    rotate = sub.add_parser(
+        "rotate", help="give a user a new token (printed once); the old one stops"
+    )
+    rotate.add_argument("user", help="user name or id")
+    _add_expires_in(rotate)
+
+
+_PROPAGATION = (
+    "A running API accepts the old token for up to 5 seconds more (its token cache); "
+    "revoking or rotating through the API (POST /users/{id}/revoke|rotate) takes effect at once "
+    "in that process."
+)
+
+
+def _print_token(token: str) -> None:
+    print(token)
+    print("The token is shown only once; store it now (send it as 'Authorization: Bearer ...').")
 
 
 def _run_users(args: argparse.Namespace) -> int:
     from app.db import unit_of_work
-    from app.services.users import create_user
+    from app.services.users import create_user, revoke_token, rotate_token
 
     with _database(get_settings()) as sessions, unit_of_work(sessions) as session:
-        user, token = create_user(session, args.name, args.role)
-        name, role = user.name, user.role
-    print(f"created {role} {name!r}; API token:")
-    print(token)
-    print("The token is shown only once; store it now (send it as 'Authorization: Bearer ...').")
+        if args.users_command == "revoke":
+            user = revoke_token(session, args.user)
+            token = None
+        elif args.users_command == "rotate":
+            user, token = rotate_token(session, args.user, args.expires_in)
+        else:
+            user, token = create_user(session, args.name, args.role, args.expires_in)
+        name, role, expires = user.name, user.role, user.token_expires_at
+    until = f", valid until {expires.isoformat(timespec='seconds')}" if expires else ""
+    if args.users_command == "revoke":
+        print(f"revoked the token of {role} {name!r}; `coreloop users rotate` gives a new one.")
+        _say(_PROPAGATION)
+        return EXIT_OK
+    assert token is not None
+    verb = "created" if args.users_command == "create" else "rotated the token of"
+    print(f"{verb} {role} {name!r}{until}; API token:")
+    _print_token(token)
+    if args.users_command == "rotate":
+        _say(_PROPAGATION)
     return EXIT_OK
 
 

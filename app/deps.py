@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import unit_of_work
 from app.errors import Forbidden, Unauthorized
-from app.models import Role, User
+from app.models import Role, User, utcnow
 from app.security import hash_token
 from app.settings import Settings
 from app.storage import Storage
@@ -83,7 +83,7 @@ async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
     return await anyio.to_thread.run_sync(run, limiter=limiter)
 
 
-def _bearer_token(request: Request) -> str:
+def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -93,9 +93,9 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
-# How long a token stays resolved without asking the database. Users are never deleted and
-# tokens never change (there is no endpoint for either), so this bounds how long a row changed
-# behind the API's back (the CLI, SQL) goes unnoticed by a running server: 5 seconds.
+# How long a token stays resolved without asking the database. A revocation or rotation through
+# this process's API clears its cache at once; one made elsewhere (the CLI, another API process,
+# SQL) goes unnoticed by a running server for at most this long: 5 seconds.
 AUTH_CACHE_TTL_SECONDS = 5.0
 _AUTH_CACHE_MAX_ENTRIES = 10_000
 
@@ -148,8 +148,13 @@ class AuthCache:
             self._entries[token_hash] = (self._clock() + self._ttl, values)
         return User(**values)
 
+    def clear(self) -> None:
+        """Forget every cached token (after a revocation or rotation in this process)."""
+        with self._mutex:
+            self._entries.clear()
 
-def _auth_cache(request: Request) -> AuthCache:
+
+def auth_cache(request: Request) -> AuthCache:
     state = request.app.state
     cache: AuthCache | None = getattr(state, "auth_cache", None)
     if cache is None:
@@ -157,16 +162,37 @@ def _auth_cache(request: Request) -> AuthCache:
     return cache
 
 
-async def current_user(request: Request) -> User:
-    """The caller: a detached ``User`` (its columns only; not in any session)."""
-    token_hash = hash_token(_bearer_token(request))
-    cache = _auth_cache(request)
+async def user_for_token(request: Request, token: str) -> User:
+    """The user whose token this is; ``Unauthorized`` for an unknown, revoked or expired one."""
+    token_hash = hash_token(token)
+    cache = auth_cache(request)
     user = cache.get(token_hash)
     if user is None:
         user = await anyio.to_thread.run_sync(cache.load, token_hash)
     if user is None:
         raise Unauthorized("The token is not valid; ask an admin for a new one.")
+    expires = user.token_expires_at
+    if expires is not None and expires <= utcnow():
+        raise Unauthorized(
+            f"The token expired at {expires.isoformat()}; ask an admin to rotate it "
+            "(`coreloop users rotate`)."
+        )
     return user
+
+
+def refuse_integration(user: User) -> User:
+    """``user``, unless it is an integration credential (which works on /ls/* only)."""
+    if user.role == Role.integration:
+        raise Forbidden(
+            f"User {user.name!r} is a Label Studio integration credential; it works on /ls/* only.",
+            code="IntegrationOnly",
+        )
+    return user
+
+
+async def current_user(request: Request) -> User:
+    """The caller: a detached ``User`` (its columns only; not in any session)."""
+    return refuse_integration(await user_for_token(request, bearer_token(request)))
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

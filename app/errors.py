@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,31 @@ def error_body(code: str, detail: Any) -> dict[str, Any]:
     return {"error": code, "detail": detail}
 
 
+# Ids and counts are 64-bit integers in both databases. An integer past that range in a path,
+# query or body reaches the driver as it came (validating every int field of every route would
+# be easy to forget on the next one), which refuses it: sqlite3 raises OverflowError while
+# binding it, PostgreSQL "bigint out of range". Both mean the client sent a number that
+# cannot exist here: 422, never 500. The transaction has been rolled back by then.
+NUMBER_OUT_OF_RANGE = (
+    "A number in the request is out of range: ids and counts are 64-bit integers "
+    f"({-(2**63)} to {2**63 - 1})."
+)
+
+
+def _is_sqlite_overflow(exc: BaseException | None) -> bool:
+    return isinstance(exc, OverflowError) and "SQLite INTEGER" in str(exc)
+
+
+def is_number_out_of_range(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database driver refusing an integer outside 64 bits."""
+    if _is_sqlite_overflow(exc):
+        return True
+    if isinstance(exc, DBAPIError):
+        orig = exc.orig
+        return _is_sqlite_overflow(orig) or type(orig).__name__ == "NumericValueOutOfRange"
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CoreloopError)
     async def _domain(_: Request, exc: CoreloopError) -> JSONResponse:
@@ -86,9 +112,19 @@ def install_error_handlers(app: FastAPI) -> None:
         code = names.get(exc.status_code, f"HTTP{exc.status_code}")
         return JSONResponse(error_body(code, exc.detail), exc.status_code, headers=exc.headers)
 
+    async def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
+        if is_number_out_of_range(exc):
+            return JSONResponse(error_body("NumberOutOfRange", NUMBER_OUT_OF_RANGE), 422)
+        raise exc  # any other: unhandled, as before (logged, 500)
+
+    app.add_exception_handler(OverflowError, _out_of_range)
+    app.add_exception_handler(DBAPIError, _out_of_range)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(
-            error_body("InternalError", "An unexpected error occurred; it has been logged."), 500
+            error_body("InternalError", "An unexpected error occurred; it has been logged."),
+            500,
+            headers={"X-Content-Type-Options": "nosniff"},  # outside app.middleware's reach
         )

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None
 
     max_upload_bytes: int = 20 * 1024 * 1024
+    # The largest request body of any kind (a multi-file upload is one request); larger ones
+    # get 413 before they are read. At least max_upload_bytes.
+    max_request_bytes: int = 256 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     queue_max_limit: int = 100
 
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
 
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
 
+    # Outgoing webhooks may reach loopback, private and link-local addresses (a trusted
+    # network only); by default they reach public addresses only (app.netpolicy).
+    webhook_allow_private: bool = False
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
@@ -47,6 +54,11 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'coreloop.sqlite'}"
         if self.broker_url is None:
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) is below max_upload_bytes "
+                f"({self.max_upload_bytes}): no upload of the allowed size could be sent"
+            )
         return self
 
     @property

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+TEMP_PREFIX = ".tmp-"  # put_bytes' temporary files, renamed into place once written
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
 
 
@@ -46,7 +47,7 @@ class Storage:
         """Write ``data`` atomically under ``key``; returns its sha256 hex digest."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=target.suffix)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -69,3 +70,19 @@ class Storage:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def sweep_temp_files(self, older_than: float) -> list[Path]:
+        """Delete the temporary files of writes that never finished (a process killed between
+        writing and renaming), last modified before ``older_than`` (a ``time.time()``), so that
+        another process's write in progress is left alone. Returns the files deleted."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # gone meanwhile (its write finished, or another sweep)
+                continue
+        return removed

@@ -8,10 +8,14 @@ One attempt is three steps, none inside another:
    duplicate message waits instead of posting too;
 2. POST the event's JSON with no transaction open (timeout 5 s, redirects not followed),
    headers ``X-Coreloop-Signature: sha256=<hex HMAC-SHA256 of the body>``,
-   ``X-Coreloop-Event``, ``X-Coreloop-Delivery``, ``X-Coreloop-Attempt``;
+   ``X-Coreloop-Event``, ``X-Coreloop-Delivery``, ``X-Coreloop-Attempt``; only to public
+   addresses unless ``CORELOOP_WEBHOOK_ALLOW_PRIVATE`` (``app.netpolicy``): the name is
+   resolved and every address checked before the attempt, and the connection is made only
+   to a checked address (a URL refused there fails the delivery at once, nothing sent);
 3. record (a short transaction): a 2xx is ``delivered``; anything else (another status, a
    connection error, a timeout) is retried after ``10 s * 2^(attempt-1)`` (at most an hour)
-   until ``max_attempts`` (8: about 21 minutes in all), then ``failed``.
+   until ``max_attempts`` (8: about 21 minutes in all), then ``failed``. The log keeps the
+   status code, never the receiver's response body.
 
 The row is the truth; a message is only a reminder. A retry is a new message with a countdown,
 sent by the attempt that failed; a message that finds nothing due (a duplicate, or an attempt
@@ -26,12 +30,14 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import httpcore
 import httpx
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.models import Event, utcnow
+from app.netpolicy import AddressRefused, GuardedBackend, check_destination
 from app.services.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -152,8 +158,9 @@ def post_attempt(client: httpx.Client, attempt: Attempt) -> tuple[int | None, st
         with client.stream("POST", attempt.url, content=attempt.body, headers=headers) as response:
             if 200 <= response.status_code < 300:
                 return response.status_code, None
-            start = next(response.iter_bytes(200), b"")[:200].decode(errors="replace")
-            return response.status_code, f"HTTP {response.status_code}: {start}".strip()
+            # The receiver's body is never read nor echoed into the log (it may be anything
+            # the URL's host serves).
+            return response.status_code, f"HTTP {response.status_code}"
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]
 
@@ -165,13 +172,16 @@ def record_attempt(
     error: str | None,
     now: datetime,
     policy: RetryPolicy,
+    *,
+    give_up: bool = False,
 ) -> Outcome:
-    """Write the attempt's result into the delivery row (only the attempt's owner can)."""
+    """Write the attempt's result into the delivery row (only the attempt's owner can);
+    ``give_up``: a failure no retry can mend (a refused address)."""
     retry_in = None
     values: dict[str, object] = {"last_status_code": status_code, "last_error": error}
     if error is None:
         values.update(status=DeliveryStatus.delivered.value, delivered_at=now, next_attempt_at=None)
-    elif attempt.number >= policy.max_attempts:
+    elif give_up or attempt.number >= policy.max_attempts:
         values.update(status=DeliveryStatus.failed.value, next_attempt_at=None)
     else:
         retry_in = policy.delay(attempt.number)
@@ -190,20 +200,56 @@ def record_attempt(
     return Outcome(str(values["status"]), attempt.number, status_code, retry_in)
 
 
+def _refusal(url: str, allow_private: bool) -> tuple[str, bool] | None:
+    """Why nothing may be sent to ``url`` now, and whether that is final (a refused address;
+    a name that does not resolve is retried); None when it may be sent."""
+    try:
+        check_destination(url, allow_private)
+    except AddressRefused as exc:
+        return exc.detail[:500], True
+    except OSError as exc:
+        return f"DNS: {exc}"[:500], False
+    return None
+
+
+def guarded_client(allow_private: bool) -> httpx.Client:
+    """The HTTP client of deliveries: it connects only to public addresses unless
+    ``allow_private`` (and ignores proxy variables, so the check is on the receiver)."""
+    client = httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False, trust_env=False)
+    if not allow_private:
+        transport = client._transport
+        assert isinstance(transport, httpx.HTTPTransport)
+        old = transport._pool
+        transport._pool = httpcore.ConnectionPool(
+            ssl_context=old._ssl_context, network_backend=GuardedBackend()
+        )
+        old.close()
+    return client
+
+
 def deliver(
     sessions: sessionmaker[Session],
     delivery_id: int,
     *,
+    allow_private: bool = False,
     now: datetime | None = None,
     client: httpx.Client | None = None,
     policy: RetryPolicy | None = None,
 ) -> Outcome:
-    """One attempt of one delivery (claim, POST, record); ``now`` fixes the clock for tests."""
+    """One attempt of one delivery (claim, check the address, POST, record); ``now`` fixes the
+    clock for tests. Private addresses only with ``allow_private``."""
     claimed = claim_attempt(sessions, delivery_id, now or utcnow())
     if isinstance(claimed, Outcome):
         return claimed
+    refusal = _refusal(claimed.url, allow_private)
+    if refusal is not None:
+        why, final = refusal
+        log.warning("webhook delivery %s attempt %s: %s", delivery_id, claimed.number, why)
+        return record_attempt(
+            sessions, claimed, None, why, now or utcnow(), policy or RetryPolicy(), give_up=final
+        )
     if client is None:
-        with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as own:
+        with guarded_client(allow_private) as own:
             status_code, error = post_attempt(own, claimed)
     else:
         status_code, error = post_attempt(client, claimed)
@@ -218,7 +264,12 @@ def run_delivery(settings: Settings, delivery_id: int, *, now: datetime | None =
     """The task's body: one attempt, then a message for the next one when it is to be retried."""
     engine = make_engine(settings)
     try:
-        outcome = deliver(make_sessionmaker(engine), delivery_id, now=now)
+        outcome = deliver(
+            make_sessionmaker(engine),
+            delivery_id,
+            allow_private=settings.webhook_allow_private,
+            now=now,
+        )
     finally:
         engine.dispose()
     if outcome.retry_in is not None:

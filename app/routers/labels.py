@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -14,6 +15,8 @@ from starlette.datastructures import UploadFile
 
 from app.deps import CurrentUser, SessionDep, SettingsDep, StorageDep, in_unit_of_work
 from app.errors import CoreloopError, InvalidInput, PayloadTooLarge
+from app.openapi import DESCRIPTIONS, hand_parsed_body
+from app.schemas.errors import ErrorEnvelope
 from app.schemas.labels import LabelCreate, LabelOut
 from app.services import labels as labels_service
 
@@ -92,10 +95,47 @@ async def label_submission(
 LabelBody = Annotated[LabelSubmission, Depends(label_submission)]
 
 
+# The body label_submission reads, declared for clients (FastAPI cannot see it).
+_LABEL_FORM: dict[str, Any] = {
+    "type": "object",
+    "required": ["image_id", "idempotency_key"],
+    "additionalProperties": False,
+    "properties": {
+        "image_id": {"type": "integer"},
+        "lease_id": {"type": "integer"},
+        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200},
+        "class_index": {"type": "integer"},
+        "class_name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "mask_rle": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "An RleMask as a JSON string (or send the mask as a PNG in 'mask').",
+        },
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "The mask as a PNG, the image's size: 0 background, >0 foreground.",
+        },
+    },
+}
+
+
 @router.post(
     "/labels",
     status_code=201,
-    responses={200: {"model": LabelOut, "description": "A retry: the first label, unchanged"}},
+    responses={
+        200: {"model": LabelOut, "description": "A retry: the first label, unchanged"},
+        413: {"model": ErrorEnvelope, "description": "PayloadTooLarge"},
+        415: {"model": ErrorEnvelope, "description": "UnsupportedMediaType: not JSON or multipart"},
+        422: {"model": ErrorEnvelope, "description": DESCRIPTIONS["422"]},
+    },
+    openapi_extra=hand_parsed_body(
+        LabelCreate,
+        _LABEL_FORM,
+        form_encoding={"mask": {"contentType": "image/png"}},
+        description="A LabelCreate as JSON, or its fields as multipart form data with the "
+        "mask as a PNG file field 'mask'.",
+    ),
 )
 async def create_label(
     submission: LabelBody,
@@ -106,11 +146,19 @@ async def create_label(
     user: CurrentUser,
 ) -> LabelOut:
     """Store a label (201), or return the first one for a repeated idempotency key (200)."""
+    data, mask_png = submission.data, submission.mask_png
+    # A mask is decoded, checked and encoded before the transaction, not under the write lock.
+    mask = None
+    if data.mask_rle is not None or mask_png is not None:
+        sessions = request.app.state.sessions
+        mask = await anyio.to_thread.run_sync(
+            labels_service.prepare_submitted_mask, sessions, data, mask_png
+        )
 
     # The hot path: the transaction in one worker-thread step (see app.deps.in_unit_of_work).
     def work(session: Session) -> tuple[LabelOut, bool]:
         return labels_service.submit_label(
-            session, settings, storage, user, submission.data, submission.mask_png
+            session, settings, storage, user, data, mask_png, mask=mask
         )
 
     out, created = await in_unit_of_work(request, work)

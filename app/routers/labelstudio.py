@@ -7,11 +7,19 @@ Connect it in Label Studio as an ML backend with the URL ``<coreloop>/ls`` (or
 **Auth.** Label Studio sends no bearer token to an ML backend; it can send HTTP basic auth
 (the backend's "Basic Auth" user and password). So ``/ls/setup``, ``/ls/predict`` and
 ``/ls/webhook`` take ``Authorization: Basic`` with the user ``coreloop`` and a coreloop API
-token (of any user, annotator or admin) as the password, or ``Authorization: Bearer <token>``.
-Label Studio's auto-created webhook carries no auth: give it the same ``Authorization`` header
-(Label Studio's webhook ``headers``), or create the webhook with it before connecting the
-backend. With ``CORELOOP_LS_OPEN=1`` in the environment, ``/ls/*`` needs no auth (a closed
-network). ``/ls/health`` is always open: it reads nothing and must answer within 1 s.
+token as the password, or ``Authorization: Bearer <token>``. ``/ls/setup`` and
+``/ls/predict`` take any user's token; ``/ls/webhook`` stores labels in the name of Label
+Studio's users, so it takes only an integration credential (``coreloop users create --role
+integration``), a token that works nowhere else. Label Studio's auto-created webhook carries
+no auth: give it the same ``Authorization`` header (Label Studio's webhook ``headers``), or
+create the webhook with it before connecting the backend. With ``CORELOOP_LS_OPEN=1`` in the
+environment, ``/ls/*`` needs no auth (a closed network). ``/ls/health`` is always open: it
+reads nothing and must answer within 1 s.
+
+**Who labels.** An annotation is stored as the coreloop member that stands for its Label
+Studio user (``completed_by``): the member named after that user's e-mail (or
+``ls:<e-mail>``), else the member named ``ls:<Label Studio user id>``. An annotation of a user
+with no such member is refused (422 ``UnknownLabelStudioUser``); no user is ever created.
 
 **Webhook.** Label Studio waits 1 s and never retries. A class label is one insert, so it is
 stored in the request (committed before the answer). A brush annotation (mask decoding and a
@@ -31,13 +39,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Body, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import unit_of_work
-from app.deps import SessionDep, SettingsDep, StorageDep
-from app.errors import CoreloopError, Unauthorized
-from app.models import User
+from app.deps import SessionDep, SettingsDep, StorageDep, user_for_token
+from app.errors import CoreloopError, Forbidden, Unauthorized
+from app.models import Role, User
 from app.schemas.labelstudio import (
     LsAnnotationEvent,
     LsPredictRequest,
@@ -46,7 +53,6 @@ from app.schemas.labelstudio import (
     LsSetupResponse,
     LsWebhookAck,
 )
-from app.security import hash_token
 from app.services import labelstudio as service
 from app.settings import Settings
 from app.storage import Storage
@@ -64,7 +70,7 @@ def ls_open() -> bool:
     return os.environ.get(OPEN_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _token(header: str) -> str | None:
+def ls_token(header: str) -> str | None:
     """The coreloop token in ``Basic base64(coreloop:<token>)`` or ``Bearer <token>``."""
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() == "bearer":
@@ -78,28 +84,46 @@ def _token(header: str) -> str | None:
     return password if user == BASIC_USER and password else None
 
 
-def ls_caller(request: Request, session: SessionDep) -> User | None:
+async def ls_caller(request: Request) -> User | None:
     """The coreloop user whose token Label Studio sends; None when ``/ls`` is open."""
     if ls_open():
         return None
-    token = _token(request.headers.get("authorization", ""))
-    user = None
-    if token is not None:
-        user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
-    if user is None:
+    token = ls_token(request.headers.get("authorization", ""))
+    if token is None:
         raise Unauthorized(
             f"Set the ML backend's Basic Auth to user {BASIC_USER!r} and a coreloop API token "
             f"as the password (or send 'Authorization: Bearer <token>'); or set {OPEN_ENV}=1."
         )
-    return user
+    return await user_for_token(request, token)
 
 
 LsCaller = Annotated[User | None, Depends(ls_caller)]
 
 
+async def ls_integration(caller: LsCaller) -> User | None:
+    """The caller of ``/ls/webhook``: only an integration credential speaks for Label Studio's
+    users (None when ``/ls`` is open)."""
+    if caller is not None and caller.role != Role.integration:
+        raise Forbidden(
+            f"/ls/webhook records labels in the name of Label Studio's users: it takes an "
+            f"integration credential (`coreloop users create --role integration`), not the "
+            f"token of {caller.role} {caller.name!r}.",
+            code="IntegrationRequired",
+        )
+    return caller
+
+
+LsIntegration = Annotated[User | None, Depends(ls_integration)]
+
+
 def health() -> dict[str, str]:
     """Always up, from no data: Label Studio calls it before every batch, with a 1 s limit."""
     return {"status": "UP", "model_class": "coreloop"}
+
+
+def project_health(project_id: int) -> dict[str, str]:
+    """As ``/ls/health`` (the project is not read)."""
+    return health()
 
 
 def setup(
@@ -144,7 +168,7 @@ def webhook(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
-    _: LsCaller,
+    _: LsIntegration,
     project_id: int | None = None,
 ) -> LsWebhookAck:
     """Label Studio's events: annotations become coreloop labels; the rest is ignored."""
@@ -156,14 +180,16 @@ def webhook(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from exc
     if event.annotation.has_brush():
+        if not event.annotation.was_cancelled:  # an unknown user is refused in the answer
+            service.ls_member(session, event.annotation)
         sessions = request.app.state.sessions
         background.add_task(_record_later, sessions, settings, storage, event, project_id)
         return LsWebhookAck(action=action, status="queued")
     return service.record_annotation(session, settings, storage, event, project_id)
 
 
-for _prefix in ("", "/projects/{project_id}"):
-    router.add_api_route(f"{_prefix}/health", health, methods=["GET"])
+for _prefix, _health in (("", health), ("/projects/{project_id}", project_health)):
+    router.add_api_route(f"{_prefix}/health", _health, methods=["GET"])
     router.add_api_route(f"{_prefix}/setup", setup, methods=["POST"])
     router.add_api_route(f"{_prefix}/predict", predict, methods=["POST"])
     router.add_api_route(f"{_prefix}/webhook", webhook, methods=["POST"])

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
-from app.deps import AdminUser, SessionDep
+from app.deps import AdminUser, SessionDep, SettingsDep
 from app.schemas.webhooks import DeliveryOut, WebhookCreate, WebhookCreated, WebhookOut
 from app.services import webhooks as service
 
@@ -16,12 +16,21 @@ router = APIRouter(prefix="/projects/{project_id}/webhooks", tags=["webhooks"])
 
 @router.post("", status_code=http.HTTP_201_CREATED)
 def create_webhook(
-    project_id: int, body: WebhookCreate, session: SessionDep, admin: AdminUser
+    project_id: int,
+    body: WebhookCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    admin: AdminUser,
 ) -> WebhookCreated:
     """Subscribe ``url`` to ``events``. The response holds the signing secret: the only time
     it is shown. Each delivery is a POST of JSON with ``X-Coreloop-Signature: sha256=<hex
-    HMAC-SHA256 of the raw body, keyed with the secret>`` and ``X-Coreloop-Event``."""
-    created = service.create_subscription(session, project_id, body, admin.id)
+    HMAC-SHA256 of the raw body, keyed with the secret>`` and ``X-Coreloop-Event``.
+
+    ``url`` must reach a public address (422 ``WebhookAddressRefused`` for loopback, private,
+    link-local or metadata addresses) unless ``CORELOOP_WEBHOOK_ALLOW_PRIVATE`` is set."""
+    created = service.create_subscription(
+        session, project_id, body, admin.id, allow_private=settings.webhook_allow_private
+    )
     return WebhookCreated(**WebhookOut.model_validate(created).model_dump(), secret=created.secret)
 
 

@@ -112,6 +112,18 @@ class LsAnnotation(_Lenient):
             who = who.get("email") or who.get("id")
         return f"ls:{who}" if who not in (None, "") else "ls:unknown"
 
+    def member_names(self) -> list[str]:
+        """The coreloop user names that may stand for the Label Studio user, best first:
+        the e-mail, ``ls:<e-mail>``, ``ls:<user id>`` (as far as Label Studio sent them)."""
+        who = self.completed_by
+        email, user_id = (who.get("email"), who.get("id")) if isinstance(who, dict) else (None, who)
+        names = []
+        if isinstance(email, str) and email.strip():
+            names += [email.strip(), f"ls:{email.strip()}"]
+        if user_id not in (None, "") and not isinstance(user_id, bool | dict | list):
+            names.append(f"ls:{user_id}")
+        return names
+
     def idempotency_key(self) -> str:
         """One label per version of the annotation: a redelivery stores nothing new."""
         return f"ls-annotation-{self.id}-{self.updated_at or self.created_at or ''}"[:200]

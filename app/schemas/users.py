@@ -8,13 +8,27 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ExpiresInDays = Annotated[
+    int | None,
+    Field(default=None, ge=1, le=3650, description="The token expires after this many days."),
+]
 
 
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: UserName
-    role: Literal["admin", "annotator"] = "annotator"
+    role: Literal["admin", "annotator", "integration"] = Field(
+        default="annotator",
+        description="'integration': a Label Studio connection's credential, for /ls/* only.",
+    )
+    expires_in_days: ExpiresInDays = None
+
+
+class TokenRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expires_in_days: ExpiresInDays = None
 
 
 class UserOut(BaseModel):
@@ -23,6 +37,7 @@ class UserOut(BaseModel):
     id: int
     name: str
     role: str
+    token_expires_at: datetime | None = Field(description="None: the token never expires.")
     created_at: datetime
 
 

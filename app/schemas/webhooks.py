@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from app.netpolicy import redact_url
 
 WebhookEventKind = Literal["label.created", "round.done", "model.published"]
 
@@ -14,7 +16,8 @@ class WebhookCreate(BaseModel):
     """A subscription: ``url`` gets a signed POST for each event of a kind in ``events``.
 
     ``secret`` signs the bodies (HMAC-SHA256); leave it out to have one generated. Either way
-    it is shown once, in the response to this request.
+    it is shown once, in the response to this request. ``url`` must reach a public address
+    unless the deployment allows private ones (``CORELOOP_WEBHOOK_ALLOW_PRIVATE``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -29,10 +32,15 @@ class WebhookOut(BaseModel):
 
     id: int
     project_id: int
-    url: str
+    url: str = Field(description="The URL; a password in it (user:pass@) is shown as ***.")
     events: list[str]
     active: bool
     created_at: datetime
+
+    @field_validator("url")
+    @classmethod
+    def _redacted(cls, url: str) -> str:
+        return redact_url(url)
 
 
 class WebhookCreated(WebhookOut):

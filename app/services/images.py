@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
+import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from app.models import Image, Label, LabelSource, Project, Split, User
+from app.services.masks import palette_foreground
 from app.storage import Storage
 
 # Decoded format -> (file extension, content type); other formats are refused.
@@ -124,7 +126,10 @@ def normalise_mask(filename: str, data: bytes, size: tuple[int, int], max_pixels
     with PILImage.open(io.BytesIO(data)) as mask:
         if mask.size != size:
             raise InvalidImage(f"mask {filename!r} is {mask.size}, the image is {size}.")
-        gray = mask.convert("L")
+        if mask.mode in ("P", "PA"):  # a label map: palette indices, not grey levels
+            gray = PILImage.fromarray(palette_foreground(mask).astype(np.uint8) * 255)
+        else:
+            gray = mask.convert("L")
     low_high = gray.getextrema()
     high = low_high[1] if isinstance(low_high, tuple) else low_high
     threshold = 0 if isinstance(high, int | float) and high <= 1 else 127  # 0/1 or 0/255 masks
@@ -280,8 +285,12 @@ def store_images(
             new.setdefault(item.sha256, item)
         if _labeled(item):
             wanted.setdefault(_import_label_key(project.id, item.sha256, item), item)
+    # Keys are per author (migration 0004): another user's label never counts as imported.
+    same_author = Label.author_id.is_(None) if author is None else Label.author_id == author.id
     known = set(
-        session.scalars(select(Label.idempotency_key).where(Label.idempotency_key.in_(wanted)))
+        session.scalars(
+            select(Label.idempotency_key).where(same_author, Label.idempotency_key.in_(wanted))
+        )
     )
     to_label = {k: i for k, i in wanted.items() if k not in known}
     masks = [i for i in to_label.values() if i.mask_png is not None]

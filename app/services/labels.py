@@ -1,7 +1,8 @@
 """Labels: validated against the project, append-only, idempotent, counted towards the queue.
 
 A newer label of an image supersedes the older ones; nothing is overwritten. A retry with the
-same idempotency key returns the first label and stores nothing. A label counts towards a
+same idempotency key returns the first label and stores nothing. Keys are per author: another
+user's label under the same key is neither returned nor in the way. A label counts towards a
 queue item (``labels_needed`` goes down by one) once per distinct annotator.
 """
 
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
+    Engine,
     Table,
     bindparam,
     exists,
@@ -23,7 +25,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.models import (
@@ -41,7 +43,13 @@ from app.models import (
     utcnow,
 )
 from app.schemas.labels import LabelCreate, LabelOut
-from app.services.masks import Mask, decode_png_mask, decode_rle_mask, store_mask
+from app.services.masks import (
+    Mask,
+    decode_png_mask,
+    decode_rle_mask,
+    encode_png_mask,
+    store_mask,
+)
 from app.services.queue import lock_lease_item, require_project
 from app.services.rounds import maybe_start_auto_round
 from app.services.webhooks import fan_out
@@ -55,7 +63,10 @@ _labels, _leases, _items, _events = (
     cast(Table, model.__table__) for model in (Label, Lease, QueueItem, Event)
 )
 _ACTIVE, _DONE = LeaseState.active.value, LeaseState.done.value
-_BY_KEY = select(Label.id).where(Label.idempotency_key == bindparam("key"))
+# Keys are the author's own: another user's label under the same key is no replay.
+_BY_KEY = select(Label.id).where(
+    Label.author_id == bindparam("author_id"), Label.idempotency_key == bindparam("key")
+)
 _TARGET = (
     select(
         Image.id,
@@ -81,14 +92,15 @@ _CLASSES = select(Project.classes).where(Project.id == bindparam("project_id"))
 _LEASE = select(
     Lease.id, Lease.queue_item_id, Lease.image_id, Lease.user_id, Lease.state, Lease.expires_at
 ).where(Lease.id == bindparam("lease_id"))
-# A repeated idempotency key inserts nothing (and returns no id), also when the first label
-# commits concurrently: no savepoint needed around the insert.
+# A repeated idempotency key of the same author inserts nothing (and returns no id), also when
+# the first label commits concurrently: no savepoint needed around the insert.
+_KEY_OF_AUTHOR = [_labels.c.author_id, _labels.c.idempotency_key]
 _INSERT_LABEL = {
     "postgresql": postgresql.insert(_labels)
-    .on_conflict_do_nothing(index_elements=[_labels.c.idempotency_key])
+    .on_conflict_do_nothing(index_elements=_KEY_OF_AUTHOR)
     .returning(_labels.c.id),
     "sqlite": sqlite.insert(_labels)
-    .on_conflict_do_nothing(index_elements=[_labels.c.idempotency_key])
+    .on_conflict_do_nothing(index_elements=_KEY_OF_AUTHOR)
     .returning(_labels.c.id),
 }
 _INSERT_EVENT = insert(_events).returning(_events.c.id)
@@ -180,9 +192,18 @@ def submit_label(
     user: User,
     data: LabelCreate,
     mask_png: bytes | None = None,
+    mask: PreparedMask | None = None,
 ) -> tuple[LabelOut, bool]:
-    """:func:`create_label` for POST /labels: the label as returned by the API, and created."""
-    label, created, classes = _create_label(session, settings, storage, user, data, mask_png)
+    """:func:`create_label` for POST /labels: the label as returned by the API, and created.
+
+    ``mask``: the mask of ``data``/``mask_png`` already decoded (and encoded for storage) by
+    :func:`prepare_submitted_mask` before the transaction began, so that neither happens while
+    the write lock is held.
+    """
+    decoded, png = (mask.mask, mask.png) if mask is not None else (None, None)
+    label, created, classes = _create_label(
+        session, settings, storage, user, data, mask_png, decoded=decoded, png=png
+    )
     if classes is None:
         return label_response(session, label), created
     return label_out(label, classes), created
@@ -196,16 +217,25 @@ def _create_label(
     data: LabelCreate,
     mask_png: bytes | None = None,
     source: LabelSource = LabelSource.human,
+    decoded: Mask | None = None,
+    png: bytes | None = None,
 ) -> tuple[Label, bool, list[Any] | None]:
-    """:func:`create_label`, and the project's classes when the label is new."""
+    """:func:`create_label`, and the project's classes when the label is new.
+
+    ``decoded``: the mask, decoded already; ``png``: that mask as stored (encoded already).
+    """
     conn = session.connection()
-    existing = _by_key(session, conn, data.idempotency_key)
+    existing = _by_key(session, conn, user, data.idempotency_key)
     if existing is not None:
-        return _replayed(existing, user, data), False, None
+        replay = _replayed(conn, storage, existing, user, data, mask_png, decoded)
+        return replay, False, None
     target = _target(conn, data.image_id)
-    class_index, mask = _validated_content(target, data, mask_png)
+    class_index, mask = _validated_content(target, data, mask_png, decoded)
     lease = _checked_lease(session, conn, target, user, data.lease_id)
-    mask_key = store_mask(session, storage, target.project_id, mask) if mask is not None else None
+    mask_key: str | None = None
+    if mask is not None:
+        stored_png = png if mask is decoded else None
+        mask_key = store_mask(session, storage, target.project_id, mask, stored_png)
     values = {
         "project_id": target.project_id,
         "image_id": target.image_id,
@@ -222,10 +252,10 @@ def _create_label(
     if label_id is None:  # the same key, committed by a concurrent request meanwhile
         if mask_key is not None:
             storage.delete(mask_key)
-        existing = _by_key(session, conn, data.idempotency_key)
+        existing = _by_key(session, conn, user, data.idempotency_key)
         if existing is None:  # cannot happen: the key's label exists once the insert skipped
             raise Conflict(f"Idempotency key {data.idempotency_key!r} is being used; retry.")
-        return _replayed(existing, user, data), False, None
+        return _replayed(conn, storage, existing, user, data, mask_png, mask), False, None
     label = Label(id=label_id, **values)  # detached: the row is written, nothing to track
     _count_towards_queue(conn, target.image_id, user, lease, label)
     event = {"label_id": label_id, "image_id": target.image_id, "lease_id": label.lease_id}
@@ -259,19 +289,78 @@ def _target(conn: Connection, image_id: int) -> _Target:
     return _Target(*row)
 
 
-def _by_key(session: Session, conn: Connection, key: str) -> Label | None:
-    label_id = conn.scalar(_BY_KEY, {"key": key})
+def _by_key(session: Session, conn: Connection, user: User, key: str) -> Label | None:
+    """The caller's own label under ``key`` (never another user's)."""
+    label_id = conn.scalar(_BY_KEY, {"author_id": user.id, "key": key})
     return None if label_id is None else session.get(Label, label_id)
 
 
-def _replayed(existing: Label, user: User, data: LabelCreate) -> Label:
+def _replayed(
+    conn: Connection,
+    storage: Storage,
+    existing: Label,
+    user: User,
+    data: LabelCreate,
+    mask_png: bytes | None,
+    decoded: Mask | None,
+) -> Label:
+    """``existing``, the label stored under the key, if ``data`` is a retry of it (the same
+    payload); a different payload under the same key is refused, never silently dropped."""
     if existing.author_id != user.id or existing.image_id != data.image_id:
         raise Conflict(
             f"Idempotency key {data.idempotency_key!r} was used for another label; "
             "use a new key for a new label.",
             code="IdempotencyKeyReused",
         )
+    if not _same_payload(conn, storage, existing, data, mask_png, decoded):
+        raise Conflict(
+            f"Idempotency key {data.idempotency_key!r} was used for label {existing.id} with "
+            "a different payload; a retry sends the same body. Send a correction under a new "
+            "key.",
+            code="IdempotencyKeyReused",
+        )
     return existing
+
+
+_IMAGE_SIZE = select(Image.height, Image.width).where(Image.id == bindparam("image_id"))
+
+
+def _same_payload(
+    conn: Connection,
+    storage: Storage,
+    existing: Label,
+    data: LabelCreate,
+    mask_png: bytes | None,
+    decoded: Mask | None,
+) -> bool:
+    """Whether ``data`` (with ``mask_png``/``decoded``) asks for what ``existing`` holds: the
+    same lease, and the same class (by index or name) or the same mask, pixel for pixel."""
+    if data.lease_id != existing.lease_id:
+        return False
+    has_class = data.class_index is not None or data.class_name is not None
+    has_mask = data.mask_rle is not None or mask_png is not None
+    if existing.mask_key is None:
+        index = existing.class_index
+        if has_mask or not has_class or index is None:
+            return False
+        if data.class_index is not None and data.class_index != index:
+            return False
+        if data.class_name is not None:
+            classes = conn.scalar(_CLASSES, {"project_id": existing.project_id}) or []
+            if not 0 <= index < len(classes) or str(classes[index]) != data.class_name:
+                return False
+        return True
+    if has_class or not has_mask:
+        return False
+    height, width = conn.execute(_IMAGE_SIZE, {"image_id": existing.image_id}).one()
+    if decoded is None:  # the retry's mask, unless decoded already (before the transaction)
+        if mask_png is not None:
+            decoded = decode_png_mask(mask_png, (height, width))
+        else:
+            assert data.mask_rle is not None
+            decoded = decode_rle_mask(data.mask_rle, (height, width))
+    stored = decode_png_mask(storage.read_bytes(existing.mask_key), (height, width))
+    return decoded.shape == stored.shape and bool((decoded == stored).all())
 
 
 def _class_index(target: _Target, data: LabelCreate) -> int:
@@ -304,9 +393,12 @@ def _class_index(target: _Target, data: LabelCreate) -> int:
 
 
 def _validated_content(
-    target: _Target, data: LabelCreate, mask_png: bytes | None
+    target: _Target, data: LabelCreate, mask_png: bytes | None, decoded: Mask | None = None
 ) -> tuple[int | None, Mask | None]:
-    """The class index (classification) or the decoded mask (segmentation)."""
+    """The class index (classification) or the decoded mask (segmentation).
+
+    ``decoded``: the mask, already decoded (see :func:`prepare_submitted_mask`).
+    """
     if data.mask_rle is not None and mask_png is not None:
         raise InvalidInput("Send the mask once: a PNG file or mask_rle, not both.")
     has_mask = data.mask_rle is not None or mask_png is not None
@@ -324,6 +416,14 @@ def _validated_content(
             code="ClassNotAllowed",
         )
     expected = (target.height, target.width)
+    if decoded is not None:
+        if decoded.shape != expected:
+            raise InvalidInput(
+                f"The mask is {decoded.shape[1]}x{decoded.shape[0]} (width x height) but the "
+                f"image is {expected[1]}x{expected[0]}.",
+                code="MaskSizeMismatch",
+            )
+        return None, decoded
     if mask_png is not None:
         return None, decode_png_mask(mask_png, expected)
     if data.mask_rle is not None:
@@ -332,6 +432,54 @@ def _validated_content(
         "A segmentation label needs a mask: a PNG file field 'mask' or mask_rle.",
         code="MaskRequired",
     )
+
+
+_MASK_TARGET = (
+    select(Image.height, Image.width, Project.task)
+    .join(Project, Project.id == Image.project_id)
+    .where(Image.id == bindparam("image_id"))
+)
+
+
+@dataclass(frozen=True)
+class PreparedMask:
+    """A submitted mask, decoded and checked, and encoded as it will be stored."""
+
+    mask: Mask
+    png: bytes
+
+
+def prepare_submitted_mask(
+    sessions: sessionmaker[Session], data: LabelCreate, mask_png: bytes | None
+) -> PreparedMask | None:
+    """The mask of a POST /labels body, decoded and checked against its image's size (and
+    encoded as the PNG to store) BEFORE the request's transaction begins (blocking: call it in
+    a worker thread).
+
+    Decoding (and encoding) a large mask takes a while; inside the transaction it would hold
+    SQLite's write lock (``BEGIN IMMEDIATE``) all that time and block every other writer.
+    The image's size is
+    read in a short read-only session (on SQLite a deferred transaction, which neither takes nor
+    waits for the write lock). None when there is nothing to decode here (no mask, no such
+    image, not a segmentation project, both a PNG and an RLE): the transaction then refuses
+    the body as before.
+    """
+    if (data.mask_rle is None) == (mask_png is None):
+        return None
+    with sessions() as session:
+        # Read-only on an engine (see app.db); a test's session joins its connection as is.
+        read_only = {"read_only": True} if isinstance(session.get_bind(), Engine) else None
+        conn = session.connection(execution_options=read_only)
+        row = conn.execute(_MASK_TARGET, {"image_id": data.image_id}).first()
+    if row is None or row.task != TaskKind.segmentation.value:
+        return None
+    expected = (row.height, row.width)
+    if mask_png is not None:
+        mask = decode_png_mask(mask_png, expected)
+    else:
+        assert data.mask_rle is not None
+        mask = decode_rle_mask(data.mask_rle, expected)
+    return PreparedMask(mask, encode_png_mask(mask))
 
 
 def _checked_lease(

@@ -65,7 +65,6 @@ from app.schemas.labelstudio import (
 from app.services.labels import create_label
 from app.services.masks import decode_png_mask, mask_to_rle
 from app.services.queue import require_project
-from app.services.users import UserExists, create_user
 from app.settings import Settings
 from app.storage import Storage
 
@@ -332,19 +331,36 @@ def predict(
 # -- annotations (the webhook) ----------------------------------------------------------------
 
 
-def ls_author(session: Session, name: str) -> User:
-    """The coreloop annotator standing for a Label Studio user (created without a token
-    anyone sees: only its hash is stored, so it can never sign in)."""
-    user = session.scalar(select(User).where(User.name == name))
-    if user is not None:
-        return user
-    try:
-        user, _ = create_user(session, name, Role.annotator)
-    except UserExists:  # created by a concurrent delivery meanwhile
-        user = session.scalar(select(User).where(User.name == name))
-        if user is None:
-            raise
-    return user
+class UnknownLabelStudioUser(InvalidInput):
+    code = "UnknownLabelStudioUser"
+
+
+_MEMBER_ROLES = (Role.annotator.value, Role.admin.value)
+
+
+def ls_member(session: Session, annotation: LsAnnotation) -> User:
+    """The existing coreloop member standing for the annotation's Label Studio user: named
+    after the user's e-mail (or ``ls:<e-mail>``), else ``ls:<Label Studio user id>``.
+
+    No user is ever created: a Label Studio user without a member is refused, so neither a
+    webhook caller nor a made-up ``completed_by`` can invent readers.
+    """
+    names = annotation.member_names()
+    if names:
+        found = {
+            user.name: user
+            for user in session.scalars(
+                select(User).where(User.name.in_(names), User.role.in_(_MEMBER_ROLES))
+            )
+        }
+        for name in names:
+            if name in found:
+                return found[name]
+    raise UnknownLabelStudioUser(
+        f"Annotation {annotation.id} is by Label Studio user {annotation.author_name()!r}, "
+        f"who is no coreloop member; an admin creates one named "
+        f"{(names or ['ls:<id>'])[-1]!r} (`coreloop users create --name ...`) to record them."
+    )
 
 
 def _mask_label(annotation: LsAnnotation, project: Project, image: Image) -> RleMask:
@@ -401,6 +417,7 @@ def record_annotation(
     ack = LsWebhookAck(action=event.action, status="ignored")
     if event.annotation.was_cancelled:
         return ack.model_copy(update={"detail": "a skipped task"})
+    author = ls_member(session, event.annotation)
     image_id = event.task.coreloop_image_id()
     image = session.get(Image, image_id) if image_id is not None else None
     if image is None or path_project_id not in (None, image.project_id):
@@ -410,7 +427,6 @@ def record_annotation(
     data = _label_create(event, project, image)
     if data is None:
         return ack.model_copy(update={"detail": "the annotation picks no class"})
-    author = ls_author(session, event.annotation.author_name())
     label, created = create_label(
         session, settings, storage, author, data, source=LabelSource.label_studio
     )

@@ -2,12 +2,15 @@
 
 A mask is a ``bool`` array ``[height, width]``. Stored masks are 8-bit grayscale PNGs with
 values 0 and 255 under ``masks/<project_id>/<uuid>.png``; the file is written (temp then
-rename) before its row is flushed, and deleted again if the transaction does not commit.
+rename) before its row is flushed, and deleted again if the transaction does not commit;
+what a killed process leaves behind is swept at start-up (:func:`sweep_orphan_files`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import time
 import uuid
 import warnings
 from typing import Any
@@ -16,14 +19,16 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image as PILImage
 from pycocotools import mask as mask_util
-from sqlalchemy import event
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from app.errors import InvalidInput
+from app.models import Label
 from app.schemas.labels import RleMask
 from app.storage import Storage
 
 Mask = NDArray[np.bool_]
+log = logging.getLogger(__name__)
 
 # pycocotools 2.0.11's decoder predates NumPy 2's ``copy`` keyword; harmless, and noisy.
 warnings.filterwarnings(
@@ -58,9 +63,24 @@ def _binary(values: NDArray[Any]) -> Mask:
     )
 
 
+def palette_foreground(image: PILImage.Image) -> Mask:
+    """A palette ("P"/"PA") mask: lesion where the pixel's palette colour is not black.
+
+    Palette PNGs are label maps (index 0 black background, other indices coloured classes, as
+    in Pascal VOC), so their pixel values are palette indices, not intensities: reading the
+    indices as grey levels refused (or, thresholded, emptied) a mask drawn with index 3. What
+    counts is the colour that is shown: black is background, any other colour lesion (alpha
+    is ignored, as for the other modes).
+    """
+    rgb: NDArray[np.uint8] = np.asarray(image.convert("RGB"))
+    return np.asarray(rgb.any(axis=-1))
+
+
 def _gray_values(image: PILImage.Image) -> NDArray[Any]:
     """The one channel of a mask image (colour channels must agree; alpha is ignored)."""
-    if image.mode in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+    if image.mode in ("P", "PA"):
+        return palette_foreground(image)
+    if image.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L"):
         return np.asarray(image)
     if image.mode in ("LA", "RGB", "RGBA"):
         bands = np.asarray(image)
@@ -88,61 +108,167 @@ def decode_png_mask(data: bytes, expected_hw: tuple[int, int]) -> Mask:
             image.load()
     except InvalidInput:
         raise
-    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombWarning) as exc:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        PILImage.DecompressionBombWarning,
+        PILImage.DecompressionBombError,  # not an OSError: raised by open() past 2x the limit
+    ) as exc:
         raise InvalidInput(
             f"The mask file cannot be read as a PNG: {exc}", code="InvalidMask"
         ) from exc
     return _binary(_gray_values(image))
 
 
-def _rle_string_counts(counts: str) -> list[int]:
-    """Run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``)."""
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(counts):
-                raise ValueError("the RLE string ends inside a number")
-            char = ord(counts[pos]) - 48
-            if not 0 <= char < 64:
-                raise ValueError(f"character {counts[pos]!r} is not valid in an RLE string")
-            value |= (char & 0x1F) << (5 * shift)
-            more = bool(char & 0x20)
-            pos += 1
-            shift += 1
-            if not more and char & 0x10:
-                value |= -1 << (5 * shift)
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
+# A compressed RLE string holds at most one run per pixel (and a leading zero run); each run
+# takes one character when short, and the characters of long runs are paid for by the pixels
+# they cover (a run of r pixels needs at most 1 + bit_length(r) / 5 characters). So a valid
+# string of an h x w mask is shorter than 2 * h * w + 16 characters; anything longer is refused
+# before it is read.
+_RLE_CHARS_PER_PIXEL = 2
+_RLE_CHARS_SLACK = 16
+# pycocotools' C reader (rleFrString) accumulates a number's 5-bit groups in a C ``int``: up to
+# 6 groups (30 bits, runs below 2**29 pixels) it reads what this module reads.
+_RLE_MAX_GROUPS = 6
+
+
+def max_rle_chars(height: int, width: int) -> int:
+    """The longest compressed RLE string a valid ``height x width`` mask can have."""
+    return _RLE_CHARS_PER_PIXEL * height * width + _RLE_CHARS_SLACK
+
+
+def rle_string_runs(counts: bytes) -> NDArray[np.int64]:
+    """Run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``), in NumPy.
+
+    Only for checking the string before pycocotools decodes it: malformed input raises
+    ``ValueError`` (bad characters, a number cut off or longer than 6 characters).
+    """
+    codes = np.frombuffer(counts, dtype=np.uint8) - np.uint8(48)  # below '0' wraps past 63
+    if codes.size == 0:
+        return codes.astype(np.int64)
+    if int(codes.max()) >= 64:
+        bad = int(np.flatnonzero(codes >= 64)[0])
+        raise ValueError(f"character {chr(counts[bad])!r} is not valid in an RLE string")
+    ends = np.flatnonzero((codes & 0x20) == 0)  # the last character of each number
+    if ends.size == 0 or ends[-1] != codes.size - 1:
+        raise ValueError("the RLE string ends inside a number")
+    lengths = np.diff(ends, prepend=-1)
+    if int(lengths.max()) > _RLE_MAX_GROUPS:
+        raise ValueError(f"a run length has more than {_RLE_MAX_GROUPS} characters")
+    # 5 bits per character, least significant first: start from each number's last character
+    # and add the earlier ones, only for the (few) numbers that have them.
+    payload = codes & np.uint8(0x1F)
+    shift = 5 * (lengths - 1)
+    values = payload[ends].astype(np.int64) << shift
+    longer = np.flatnonzero(lengths > 1)
+    k = 1
+    while longer.size:
+        values[longer] |= payload[ends[longer] - k].astype(np.int64) << (shift[longer] - 5 * k)
+        longer = longer[lengths[longer] > k + 1]
+        k += 1
+    negative = (codes[ends] & 0x10) != 0  # sign bit of the last character
+    values[negative] -= np.int64(1) << (5 * lengths[negative])
+    # Numbers from the fourth on are deltas to the run two before (rleFrString's ``m > 2``).
+    values[1::2] = np.cumsum(values[1::2])
+    values[2::2] = np.cumsum(values[2::2])
+    return values
+
+
+def _rle_runs(rle: RleMask, height: int, width: int) -> NDArray[np.int64]:
+    """The run lengths of ``rle``, refused (``InvalidRle``) when they cannot be a valid mask."""
+    counts = rle.counts
+    limit = height * width + 1 if isinstance(counts, list) else max_rle_chars(height, width)
+    if len(counts) > limit:
+        what = "runs" if isinstance(counts, list) else "characters"
+        raise InvalidInput(
+            f"The RLE has {len(counts)} {what}; a {width}x{height} mask has at most {limit}.",
+            code="InvalidRle",
+        )
+    try:
+        if isinstance(counts, list):
+            return np.asarray(counts, dtype=np.int64)
+        return rle_string_runs(counts.encode("ascii"))
+    except (ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidInput(f"The RLE cannot be read: {exc}.", code="InvalidRle") from exc
 
 
 def decode_rle_mask(rle: RleMask, expected_hw: tuple[int, int]) -> Mask:
     """Decode a COCO RLE (``counts`` compressed str or uncompressed list) after checking it.
 
-    The run lengths are validated first (non-negative, summing to height*width): pycocotools'
-    C decoder trusts them and would write past its buffer otherwise.
+    Its size is checked against the image first, the length of ``counts`` against the pixel
+    count (so a huge string is refused before it is read), then the run lengths (non-negative,
+    summing to height*width): pycocotools' C decoder, which does the decoding, trusts them and
+    would write past its buffer otherwise.
     """
     height, width = rle.size
     if (height, width) != expected_hw:
         raise _size_mismatch((height, width), expected_hw)
-    try:
-        runs = rle.counts if isinstance(rle.counts, list) else _rle_string_counts(rle.counts)
-    except ValueError as exc:
-        raise InvalidInput(f"The RLE cannot be read: {exc}.", code="InvalidRle") from exc
-    if any(r < 0 for r in runs) or sum(runs) != height * width:
+    runs = _rle_runs(rle, height, width)
+    total = int(runs.sum())
+    if (runs.size and int(runs.min()) < 0) or total != height * width:
         raise InvalidInput(
             f"The RLE's run lengths must be non-negative and add up to height*width = "
-            f"{height * width}; they add up to {sum(runs)}.",
+            f"{height * width}; they add up to {total}.",
             code="InvalidRle",
         )
     if isinstance(rle.counts, list):
-        encoded = mask_util.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+        encoded = mask_util.frPyObjects(
+            {"size": [height, width], "counts": runs.tolist()}, height, width
+        )
     else:
         encoded = {"size": [height, width], "counts": rle.counts.encode("ascii")}
     decoded: NDArray[np.uint8] = mask_util.decode(encoded)
+    return decoded.astype(bool)
+
+
+# Polygons (COCO import): every vertex inside the image, give or take this many pixels.
+POLYGON_TOLERANCE = 1.0
+# pycocotools rasterises a polygon by walking its outline at 5x resolution, allocating 16 bytes
+# per step: at most this many pixels of outline (plus one per vertex) per annotation.
+MAX_POLYGON_OUTLINE = 1_000_000
+
+
+def _invalid_polygon(detail: str) -> InvalidInput:
+    return InvalidInput(f"Invalid COCO polygon: {detail}.", code="InvalidPolygon")
+
+
+def decode_polygons(polygons: list[list[float]], expected_hw: tuple[int, int]) -> Mask:
+    """The mask of COCO ``polygons`` (``[[x, y, x, y, ...], ...]``) on a ``(height, width)`` image.
+
+    Checked before pycocotools sees them (its rasteriser trusts the coordinates: a vertex at
+    1e308 makes it allocate many gigabytes): at least 3 points each, finite coordinates within
+    the image (``POLYGON_TOLERANCE``), outline at most ``MAX_POLYGON_OUTLINE`` pixels.
+    """
+    height, width = expected_hw
+    if not polygons:
+        raise _invalid_polygon("no polygon")
+    outline = 0
+    checked: list[list[float]] = []
+    for n, polygon in enumerate(polygons):
+        if len(polygon) < 6 or len(polygon) % 2:
+            raise _invalid_polygon(
+                f"polygon {n} has {len(polygon)} numbers; it needs at least 3 points (x, y pairs)"
+            )
+        if len(polygon) > 2 * MAX_POLYGON_OUTLINE:
+            raise _invalid_polygon(f"polygon {n} has more than {MAX_POLYGON_OUTLINE} points")
+        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        if not np.isfinite(xy).all():
+            raise _invalid_polygon(f"polygon {n} has a coordinate that is not a finite number")
+        low, high = xy.min(axis=0), xy.max(axis=0)
+        tol = POLYGON_TOLERANCE
+        if low.min() < -tol or high[0] > width + tol or high[1] > height + tol:
+            raise _invalid_polygon(
+                f"polygon {n} reaches ({high[0]:g}, {high[1]:g}) / ({low[0]:g}, {low[1]:g}), "
+                f"outside the {width}x{height} image"
+            )
+        steps = np.abs(np.diff(xy, axis=0, append=xy[:1])).max(axis=1)
+        outline += int(np.ceil(steps).sum()) + len(xy)
+        if outline > MAX_POLYGON_OUTLINE:
+            raise _invalid_polygon(f"the outline is longer than {MAX_POLYGON_OUTLINE} pixels")
+        checked.append(xy.ravel().tolist())
+    rles = mask_util.frPyObjects(checked, height, width)
+    decoded: NDArray[np.uint8] = mask_util.decode(mask_util.merge(rles))
     return decoded.astype(bool)
 
 
@@ -161,10 +287,59 @@ def encode_png_mask(mask: Mask) -> bytes:
     return buffer.getvalue()
 
 
-def store_mask(session: Session, storage: Storage, project_id: int, mask: Mask) -> str:
-    """Write ``mask`` under a new key (deleted again if the session's transaction fails)."""
+# A file younger than this may belong to a transaction still running (in this process or
+# another: the worker, a second API process, a long import), so the start-up sweep keeps it.
+SWEEP_GRACE_SECONDS = 3600.0
+
+
+def sweep_orphan_files(
+    sessions: sessionmaker[Session], storage: Storage, grace_seconds: float = SWEEP_GRACE_SECONDS
+) -> list[str]:
+    """Delete what a killed process left behind in storage; returns what was deleted.
+
+    Files are written before their row, and deleted again if the transaction fails, but a
+    SIGKILL between the two leaves them: partial ``.tmp-*`` files of any write, and label mask
+    files (``masks/<project>/...png``) that no label row refers to. Only files older than
+    ``grace_seconds`` go, so that a write or transaction in progress elsewhere keeps its files.
+    """
+    older_than = time.time() - grace_seconds
+    removed = [str(path) for path in storage.sweep_temp_files(older_than)]
+    masks_dir = storage.root / "masks"
+    if not masks_dir.is_dir():
+        return removed
+    for project_dir in sorted(masks_dir.iterdir()):
+        if not (project_dir.is_dir() and project_dir.name.isdigit() and len(project_dir.name) < 19):
+            continue
+        stale = [p.name for p in project_dir.glob("*.png") if p.stat().st_mtime < older_than]
+        if not stale:
+            continue
+        with sessions() as session:
+            used = set(
+                session.scalars(
+                    select(Label.mask_key).where(
+                        Label.project_id == int(project_dir.name), Label.mask_key.is_not(None)
+                    )
+                )
+            )
+        for name in stale:
+            key = f"masks/{project_dir.name}/{name}"
+            if key not in used:
+                storage.delete(key)
+                removed.append(key)
+    if removed:
+        log.warning("deleted %d orphan file(s) left in storage: %s", len(removed), removed[:20])
+    return removed
+
+
+def store_mask(
+    session: Session, storage: Storage, project_id: int, mask: Mask, png: bytes | None = None
+) -> str:
+    """Write ``mask`` under a new key (deleted again if the session's transaction fails).
+
+    ``png``: ``encode_png_mask(mask)``, when the caller encoded it already (outside the
+    transaction)."""
     key = f"masks/{project_id}/{uuid.uuid4().hex}.png"
-    storage.put_bytes(key, encode_png_mask(mask))
+    storage.put_bytes(key, png if png is not None else encode_png_mask(mask))
     delete_on_rollback(session, storage, key)
     return key
 

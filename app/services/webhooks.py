@@ -28,6 +28,7 @@ from app.db import call_after_commit
 from app.errors import NotFound
 from app.jobs import producer
 from app.models import Event, utcnow
+from app.netpolicy import check_webhook_url
 from app.schemas.webhooks import WebhookCreate
 from app.services.queue import require_project
 from app.settings import Settings
@@ -62,10 +63,19 @@ def event_body(event: Event) -> bytes:
 
 
 def create_subscription(
-    session: Session, project_id: int, data: WebhookCreate, created_by: int | None
+    session: Session,
+    project_id: int,
+    data: WebhookCreate,
+    created_by: int | None,
+    *,
+    allow_private: bool = False,
 ) -> WebhookSubscription:
-    """A new active subscription; its secret is the given one or a generated one."""
+    """A new active subscription; its secret is the given one or a generated one.
+
+    The URL must name a public address unless ``allow_private`` (``app.netpolicy``); the
+    worker checks again, after resolving the name, at every delivery."""
     project = require_project(session, project_id)
+    check_webhook_url(str(data.url), allow_private)
     subscription = WebhookSubscription(
         project_id=project.id,
         url=str(data.url),

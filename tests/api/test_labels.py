@@ -140,15 +140,21 @@ def test_idempotent_retry_returns_the_first_label(
 ) -> None:
     _, image = classification
     first = _post(client, annotator_headers, image_id=image.id, idempotency_key="r", class_index=0)
-    retry = _post(client, annotator_headers, image_id=image.id, idempotency_key="r", class_index=1)
+    retry = _post(client, annotator_headers, image_id=image.id, idempotency_key="r", class_index=0)
     assert (first.status_code, retry.status_code) == (201, 200)
     assert retry.json() == first.json()
     assert db.scalar(select(func.count(Label.id))) == 1
     assert db.scalar(select(func.count(Event.id)).where(Event.kind == "label.created")) == 1
 
-    _, token = make_user("someone-else", Role.annotator)
-    stolen = _post(client, _headers(token), image_id=image.id, idempotency_key="r", class_index=0)
-    assert _error(stolen) == (409, "IdempotencyKeyReused")
+    # Keys are per author (issue 14, M2): another user's "r" is a label of their own.
+    other, token = make_user("someone-else", Role.annotator)
+    theirs = _post(client, _headers(token), image_id=image.id, idempotency_key="r", class_index=0)
+    assert theirs.status_code == 201
+    assert (theirs.json()["author_id"], theirs.json()["id"]) != (
+        first.json()["author_id"],
+        first.json()["id"],
+    )
+    assert theirs.json()["author_id"] == other.id
 
 
 def test_history_is_append_only_newest_first(

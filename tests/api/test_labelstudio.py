@@ -19,7 +19,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.lsrle import decode_mask, encode_mask
-from app.models import Image, Label, ModelVersion, Prediction, Project, Role, Round, User
+from app.models import (
+    Image,
+    Label,
+    ModelVersion,
+    Prediction,
+    Project,
+    QueueItem,
+    Role,
+    Round,
+    User,
+)
 from app.schemas.labelstudio import LsLabelConfig
 from app.services.masks import encode_png_mask
 from app.storage import Storage
@@ -48,7 +58,10 @@ def basic(token: str, user: str = "coreloop") -> Headers:
 
 @pytest.fixture
 def ls_headers(make_user: Callable[..., tuple[User, str]]) -> Headers:
-    _, token = make_user("ls-connector", Role.annotator)
+    """An integration credential, and the members standing for Label Studio users 7 and 9."""
+    _, token = make_user("ls-connector", Role.integration)
+    make_user("ls:7", Role.annotator)
+    make_user("ls:9", Role.annotator)
     return basic(token)
 
 
@@ -302,7 +315,7 @@ def annotation_event(
     annotation_id: int = 501,
     updated_at: str = "2026-11-26T10:00:00.000000Z",
     action: str = "ANNOTATION_CREATED",
-    completed_by: int = 7,
+    completed_by: Any = 7,
     **fields: Any,
 ) -> dict[str, Any]:
     data = {"image": f"/images/{image_id}/file"} if image_id else {"image": "/data/upload/x.png"}
@@ -517,3 +530,95 @@ def test_webhook_under_a_project_path(
     event = annotation_event(elsewhere.id, choice("other"), annotation_id=777)
     assert client.post(path, json=event, headers=ls_headers).json()["status"] == "ignored"
     assert _labels(db, elsewhere.id) == []
+
+
+# -- who may speak for Label Studio's users (issue 14, M3) -------------------------------------
+
+
+def test_webhook_takes_only_an_integration_credential(
+    client: TestClient,
+    db: Session,
+    make_project: Callable[..., Project],
+    make_image: Callable[..., Image],
+    make_user: Callable[..., tuple[User, str]],
+    ls_headers: Headers,
+) -> None:
+    image = make_image(make_project(classes=CLASSES))
+    event = annotation_event(image.id, choice("benign"))
+    for role in (Role.annotator, Role.admin):
+        _, token = make_user(f"not-an-integration-{role}", role)
+        for headers in (basic(token), {"Authorization": f"Bearer {token}"}):
+            response = client.post("/ls/webhook", json=event, headers=headers)
+            assert (response.status_code, response.json()["error"]) == (
+                403,
+                "IntegrationRequired",
+            )
+    assert _labels(db, image.id) == []
+    # The integration credential works on /ls/* only.
+    token = base64.b64decode(ls_headers["Authorization"].split()[1]).decode().split(":", 1)[1]
+    me = client.get("/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert (me.status_code, me.json()["error"]) == (403, "IntegrationOnly")
+    assert client.post("/ls/webhook", json=event, headers=ls_headers).status_code == 200
+
+
+def test_webhook_maps_label_studio_users_to_existing_members_only(
+    client: TestClient,
+    db: Session,
+    make_project: Callable[..., Project],
+    make_image: Callable[..., Image],
+    make_user: Callable[..., tuple[User, str]],
+    ls_headers: Headers,
+) -> None:
+    project = make_project(classes=CLASSES, overlap=2)
+    image = make_image(project)
+    (item,) = add_items(db, project, add_round(db, project, 0), [image])
+    users_before = db.scalar(select(func.count()).select_from(User))
+    made_up = [
+        ("someone-else@example.com", {"id": 8, "email": "someone-else@example.com"}),
+        ("8", 8),
+        ("ls-connector", {"email": "ls-connector"}),  # the integration user is no member
+    ]
+    for n, (who, completed_by) in enumerate(made_up):
+        event = annotation_event(
+            image.id, choice("benign"), annotation_id=900 + n, completed_by=completed_by
+        )
+        response = client.post("/ls/webhook", json=event, headers=ls_headers)
+        assert (response.status_code, response.json()["error"]) == (
+            422,
+            "UnknownLabelStudioUser",
+        ), who
+        assert who in response.json()["detail"]
+    db.expire_all()
+    assert db.scalar(select(func.count()).select_from(User)) == users_before
+    assert _labels(db, image.id) == []
+    assert db.scalar(select(QueueItem.labels_needed).where(QueueItem.id == item.id)) == 2
+
+    # A member by e-mail: the label is theirs.
+    reader, _ = make_user("reader@example.com", Role.annotator)
+    event = annotation_event(
+        image.id, choice("other"), annotation_id=950, completed_by={"id": 3, "email": reader.name}
+    )
+    assert client.post("/ls/webhook", json=event, headers=ls_headers).json()["status"] == "recorded"
+    assert [(lb.author_id, lb.class_index) for lb in _labels(db, image.id)] == [(reader.id, 2)]
+
+
+def test_brush_annotation_of_an_unknown_user_is_refused_in_the_answer(
+    client: TestClient,
+    db: Session,
+    make_project: Callable[..., Project],
+    make_image: Callable[..., Image],
+    ls_headers: Headers,
+) -> None:
+    image = make_image(make_project(task="segmentation", classes=["lesion"]), width=32, height=24)
+    region = {
+        "from_name": "seg",
+        "to_name": "img",
+        "type": "brushlabels",
+        "original_width": 32,
+        "original_height": 24,
+        "value": {"format": "rle", "rle": encode_mask(_disc(24, 32)), "brushlabels": ["lesion"]},
+    }
+    event = annotation_event(image.id, [region], completed_by=12345)
+    response = client.post("/ls/webhook", json=event, headers=ls_headers)
+    assert (response.status_code, response.json()["error"]) == (422, "UnknownLabelStudioUser")
+    assert _labels(db, image.id) == []

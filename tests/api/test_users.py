@@ -33,7 +33,10 @@ def test_me_returns_the_caller(client: TestClient, annotator_headers: dict[str, 
     ],
     ids=["missing", "empty", "wrong-scheme", "unknown-token"],
 )
-def test_missing_or_wrong_token_is_401(client: TestClient, headers: dict[str, str]) -> None:
+def test_missing_or_wrong_token_is_401(
+    client: TestClient, headers: dict[str, str], make_user: Callable[..., tuple[User, str]]
+) -> None:
+    make_user("present", Role.admin)  # users exist (every route: tests/api/test_auth_required.py)
     response = client.get("/users/me", headers=headers)
     assert response.status_code == 401
     assert response.json()["error"] == "Unauthorized"

@@ -17,6 +17,13 @@ Headers = dict[str, str]
 URL = "http://127.0.0.1:9/hook"
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Loopback URLs (``URL``) are private: allowed here as CORELOOP_WEBHOOK_ALLOW_PRIVATE=1
+    does (the default policy: tests/api/test_webhook_policy.py)."""
+    return settings.model_copy(update={"webhook_allow_private": True})
+
+
 def subscribe(client: TestClient, headers: Headers, project_id: int, **body: Any) -> Any:
     payload = {"url": URL, "events": ["label.created"], **body}
     return client.post(f"/projects/{project_id}/webhooks", json=payload, headers=headers)

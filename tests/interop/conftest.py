@@ -282,6 +282,15 @@ class CoreloopServer:
     token: str  # an admin's
     sessions: sessionmaker[Session]
     storage: Storage
+    integration_token: str  # Label Studio's credential (role integration: /ls/* only)
+
+    def add_member(self, name: str) -> None:
+        """An annotator standing for a Label Studio user (``ls:<id>``): the webhook records
+        only annotations of existing members."""
+        with unit_of_work(self.sessions) as session:
+            session.add(
+                User(name=name, role=Role.annotator.value, token_hash=hash_token(new_token()))
+            )
 
     def get(self, path: str) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -331,7 +340,8 @@ def _start_api(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[byt
 
 @pytest.fixture
 def coreloop(tmp_path: Path) -> Iterator[CoreloopServer]:
-    """coreloop's API (uvicorn) on SQLite under ``tmp_path``, with an admin user."""
+    """coreloop's API (uvicorn) on SQLite under ``tmp_path``, with an admin user and an
+    integration credential for Label Studio."""
     settings = Settings(
         environment="test",
         data_dir=tmp_path / "coreloop",
@@ -341,12 +351,19 @@ def coreloop(tmp_path: Path) -> Iterator[CoreloopServer]:
     engine = make_engine(settings)
     upgrade(engine)
     sessions = make_sessionmaker(engine)
-    token = new_token()
+    token, integration = new_token(), new_token()
     with unit_of_work(sessions) as session:
         session.add(User(name="admin", role=Role.admin.value, token_hash=hash_token(token)))
+        session.add(
+            User(
+                name="label-studio",
+                role=Role.integration.value,
+                token_hash=hash_token(integration),
+            )
+        )
     proc, url = _start_api(settings, tmp_path / "coreloop.log")
     try:
-        yield CoreloopServer(url, token, sessions, Storage(settings.files_dir))
+        yield CoreloopServer(url, token, sessions, Storage(settings.files_dir), integration)
     finally:
         stop(proc)
         engine.dispose()

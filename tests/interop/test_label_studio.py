@@ -128,8 +128,11 @@ def add_batch(core: CoreloopServer, project_id: int, image_ids: list[int]) -> No
 
 
 def connect(ls: LabelStudioServer, core: CoreloopServer, project: int, url: str, **kw: Any) -> None:
-    """The webhook first, with our basic auth (so Label Studio keeps it), then the backend."""
-    auth = base64.b64encode(f"coreloop:{core.token}".encode()).decode()
+    """The webhook first, with our basic auth (so Label Studio keeps it), then the backend;
+    with the integration credential (the only one /ls/webhook takes), and the Label Studio
+    user as a coreloop member (the webhook records only members' annotations)."""
+    core.add_member(f"ls:{ls.sdk('whoami')}")
+    auth = base64.b64encode(f"coreloop:{core.integration_token}".encode()).decode()
     ls.sdk(
         "create_webhook",
         project=project,
@@ -137,7 +140,12 @@ def connect(ls: LabelStudioServer, core: CoreloopServer, project: int, url: str,
         headers={"Authorization": f"Basic {auth}"},
     )
     state = ls.sdk(
-        "connect_ml", project=project, url=url, user="coreloop", password=core.token, **kw
+        "connect_ml",
+        project=project,
+        url=url,
+        user="coreloop",
+        password=core.integration_token,
+        **kw,
     )
     assert state == "CO"  # connected: /health and /setup answered
     (hook,) = ls.sdk("webhooks", project=project)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -37,7 +38,10 @@ SECRET = "test-secret-0123456789"
 
 
 class Receiver:
-    """A tiny HTTP server on 127.0.0.1 that answers with ``statuses`` in turn (then 200)."""
+    """A tiny HTTP server on 127.0.0.1 that answers with ``statuses`` in turn (then 200).
+
+    Loopback is a private address: deliveries to it pass ``allow_private=True`` (what
+    ``CORELOOP_WEBHOOK_ALLOW_PRIVATE=1`` does for the worker)."""
 
     def __init__(self, statuses: list[int], delay: float = 0.0) -> None:
         self.statuses = list(statuses)
@@ -177,7 +181,7 @@ def test_the_receiver_gets_a_signed_body(
     subscribe(sessions, project_id, server.url)
     [delivery_id] = emit(sessions, worker_settings, project_id)
 
-    outcome = deliver(sessions, delivery_id)
+    outcome = deliver(sessions, delivery_id, allow_private=True)
 
     [(headers, body)] = server.requests
     expected = "sha256=" + hmac.new(SECRET.encode(), body, "sha256").hexdigest()
@@ -213,12 +217,12 @@ def test_two_failures_then_success_with_backoff(
     [delivery_id] = emit(sessions, worker_settings, project_id)
     t0 = utcnow()
 
-    first = deliver(sessions, delivery_id, now=t0)
+    first = deliver(sessions, delivery_id, allow_private=True, now=t0)
     after_first = read_delivery(sessions, delivery_id)
-    early = deliver(sessions, delivery_id, now=t0 + timedelta(seconds=4))
-    second = deliver(sessions, delivery_id, now=t0 + timedelta(seconds=10))
+    early = deliver(sessions, delivery_id, allow_private=True, now=t0 + timedelta(seconds=4))
+    second = deliver(sessions, delivery_id, allow_private=True, now=t0 + timedelta(seconds=10))
     after_second = read_delivery(sessions, delivery_id)
-    third = deliver(sessions, delivery_id, now=t0 + timedelta(seconds=30))
+    third = deliver(sessions, delivery_id, allow_private=True, now=t0 + timedelta(seconds=30))
 
     assert first == Outcome("pending", 1, 500, 10.0)
     assert after_first.next_attempt_at == t0 + timedelta(seconds=10)
@@ -251,9 +255,13 @@ def test_gives_up_after_the_last_attempt(
     policy = RetryPolicy(max_attempts=2)
     t0 = utcnow()
 
-    deliver(sessions, delivery_id, now=t0, policy=policy)
-    last = deliver(sessions, delivery_id, now=t0 + timedelta(seconds=10), policy=policy)
-    after = deliver(sessions, delivery_id, now=t0 + timedelta(hours=1), policy=policy)
+    deliver(sessions, delivery_id, allow_private=True, now=t0, policy=policy)
+    last = deliver(
+        sessions, delivery_id, allow_private=True, now=t0 + timedelta(seconds=10), policy=policy
+    )
+    after = deliver(
+        sessions, delivery_id, allow_private=True, now=t0 + timedelta(hours=1), policy=policy
+    )
 
     assert last == Outcome("failed", 2, 410, None)
     assert after == Outcome("failed", 2, 410, None)
@@ -272,7 +280,9 @@ def test_connection_errors_and_timeouts_are_retried(
     refused, timed_out = emit(sessions, worker_settings, project_id)
 
     with httpx.Client(timeout=0.2) as client:
-        outcomes = [deliver(sessions, d, client=client) for d in (refused, timed_out)]
+        outcomes = [
+            deliver(sessions, d, allow_private=True, client=client) for d in (refused, timed_out)
+        ]
 
     assert [(o.status, o.attempts, o.status_code, o.retry_in) for o in outcomes] == [
         ("pending", 1, None, 10.0)
@@ -295,7 +305,7 @@ def test_a_deleted_subscription_gets_nothing(
         assert row is not None
         row.active = False
 
-    assert deliver(sessions, delivery_id).status == "failed"
+    assert deliver(sessions, delivery_id, allow_private=True).status == "failed"
     assert server.requests == []
     assert read_delivery(sessions, delivery_id).last_error == "the subscription was deleted"
 
@@ -379,7 +389,8 @@ def test_the_task_function_schedules_its_retry(
     [delivery_id] = emit(sessions, worker_settings, project_id, kind="round.done")
     before = datetime.now().astimezone()
 
-    outcome = webhooks.run_delivery(worker_settings, delivery_id)
+    allowed = worker_settings.model_copy(update={"webhook_allow_private": True})
+    outcome = webhooks.run_delivery(allowed, delivery_id)
 
     assert outcome == Outcome("pending", 1, 502, 10.0)
     [retry] = [m for m in broker_messages(worker_settings) if m["eta"] is not None]
@@ -410,3 +421,85 @@ def test_the_sweep_finds_overdue_deliveries(
     send_deliveries(worker_settings, [overdue], expires=webhooks.SWEEP_EVERY_SECONDS)
     [resent] = [m for m in broker_messages(worker_settings) if "expires" in m]
     assert (resent["task"], resent["args"]) == ("webhook.deliver", [overdue])
+
+
+# -- the address policy at delivery time (issue 14, M4) --------------------------------------
+
+
+def test_a_private_address_gets_nothing_by_default(
+    sessions: sessionmaker[Session],
+    worker_settings: Settings,
+    project_id: int,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """A loopback URL (stored before the policy, or by SQL) is refused when the worker
+    delivers: nothing is sent, and the delivery fails at once."""
+    server = receiver()
+    subscribe(sessions, project_id, server.url)
+    [delivery_id] = emit(sessions, worker_settings, project_id)
+
+    outcome = webhooks.run_delivery(worker_settings, delivery_id)
+
+    assert (outcome.status, outcome.attempts, outcome.retry_in) == ("failed", 1, None)
+    assert server.requests == []
+    row = read_delivery(sessions, delivery_id)
+    assert "loopback" in (row.last_error or "")
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused(
+    sessions: sessionmaker[Session],
+    worker_settings: Settings,
+    project_id: int,
+    receiver: Callable[..., Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = receiver()
+    port = server.url.split(":")[2].split("/")[0]
+    real = socket.getaddrinfo
+
+    def fake(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == "hooks.example.org" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    subscribe(sessions, project_id, f"http://hooks.example.org:{port}/hook")
+    [delivery_id] = emit(sessions, worker_settings, project_id)
+
+    assert deliver(sessions, delivery_id).status == "failed"
+    assert server.requests == []
+    assert "resolves to an address that is a loopback" in (
+        read_delivery(sessions, delivery_id).last_error or ""
+    )
+
+
+def test_the_connection_is_checked_too(
+    receiver: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that resolved to a public address at the check but to a private one when the
+    client connects (DNS rebinding) is refused by the client's own check."""
+    server = receiver()
+    port = server.url.split(":")[2].split("/")[0]
+    real = socket.getaddrinfo
+
+    def fake(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == "rebind.example.org" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    with webhooks.guarded_client(allow_private=False) as client, pytest.raises(httpx.ConnectError):
+        client.post(f"http://rebind.example.org:{port}/hook", content=b"{}")
+    assert server.requests == []
+    with webhooks.guarded_client(allow_private=True) as client:
+        assert client.post(server.url, content=b"{}").status_code == 200
+
+
+def test_the_log_never_echoes_the_receivers_body(
+    sessions: sessionmaker[Session],
+    worker_settings: Settings,
+    project_id: int,
+    receiver: Callable[..., Receiver],
+) -> None:
+    server = receiver([500])  # answers "nope!!"
+    subscribe(sessions, project_id, server.url)
+    [delivery_id] = emit(sessions, worker_settings, project_id)
+    deliver(sessions, delivery_id, allow_private=True)
+    row = read_delivery(sessions, delivery_id)
+    assert (row.last_status_code, row.last_error) == (500, "HTTP 500")

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +25,7 @@ from app.schemas.formats import CocoFile
 from app.schemas.labels import RleMask
 from app.services.formats.importing import ImageRef, IncomingLabel, MaskSource, invalid_file
 from app.services.formats.rows import ProjectSnapshot, iter_rows, read_mask
-from app.services.masks import Mask, decode_rle_mask, mask_to_rle
+from app.services.masks import Mask, decode_polygons, decode_rle_mask, mask_to_rle
 from app.storage import Storage
 
 
@@ -112,13 +111,7 @@ def _segmentation_source(segmentation: dict[str, Any] | list[list[float]]) -> Ma
             except ValidationError as exc:
                 raise InvalidInput(f"Not a COCO RLE: {exc}.", code="InvalidRle") from exc
             return decode_rle_mask(rle, image_hw)
-        if any(len(p) < 6 or len(p) % 2 for p in segmentation):
-            raise InvalidInput(
-                "A COCO polygon needs at least 3 points (x, y pairs).", code="InvalidPolygon"
-            )
-        rles = mask_util.frPyObjects(segmentation, image_hw[0], image_hw[1])
-        decoded: np.ndarray = mask_util.decode(mask_util.merge(rles))
-        return decoded.astype(bool)
+        return decode_polygons(segmentation, image_hw)  # checked before pycocotools sees it
 
     return decode
 

@@ -5,7 +5,8 @@ else by a file name that is unique in the project; entries without an image are 
 skipped. Labels go through the labels service (validation, queue counts, events) and are then
 marked source ``import``. Idempotency keys are derived from the content:
 ``fmt:<project>:<image>:<n>:<digest>``, ``n`` being the entry's position among the file's
-entries for that image, so a re-import stores nothing and a history export replays in order.
+entries for that image, so a re-import (by the same user: keys are per author) stores nothing
+and a history export replays in order.
 """
 
 from __future__ import annotations
@@ -128,11 +129,16 @@ def _content(item: IncomingLabel, image: Image, classes: list[str]) -> tuple[Lab
     return data, hashlib.sha256(f"class:{name}:{index}".encode()).hexdigest()
 
 
-def _existing_keys(session: Session, keys: list[str]) -> set[str]:
+def _existing_keys(session: Session, user: User, keys: list[str]) -> set[str]:
+    """The keys ``user`` has already stored labels under (keys are per author)."""
     found: set[str] = set()
     for chunk in _chunks(keys):
         found |= set(
-            session.scalars(select(Label.idempotency_key).where(Label.idempotency_key.in_(chunk)))
+            session.scalars(
+                select(Label.idempotency_key).where(
+                    Label.author_id == user.id, Label.idempotency_key.in_(chunk)
+                )
+            )
         )
     return found
 
@@ -185,7 +191,7 @@ def import_labels(
     """Store ``items`` (one file's entries, in file order) as labels; all or nothing."""
     project = require_project(session, project_id)
     planned, unmatched = _plan(session, project.id, [str(c) for c in project.classes], items)
-    known = _existing_keys(session, [p.key for p in planned])
+    known = _existing_keys(session, user, [p.key for p in planned])
     for entry in planned:
         if entry.key in known:
             continue
