@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from app.errors import InvalidInput
+from app.importer import HAM10000_CSV, IMAGE_SUFFIXES, ImportEntry, ImportOptions, list_entries
 from app.settings import Settings, get_settings
 
 UPLOAD_BATCH = 50
@@ -47,6 +50,11 @@ class DemoData:
     truth: dict[str, str] = field(default_factory=dict)  # file name -> class name
     masks: dict[str, Path] = field(default_factory=dict)  # file name -> mask file
     synthetic: bool = False
+    names: dict[Path, str] = field(default_factory=dict)  # upload name, when not the file name
+
+    def name_of(self, path: Path) -> str:
+        """The name ``path`` is uploaded under (the key of ``truth`` and ``masks``)."""
+        return self.names.get(path, path.name)
 
 
 def _say(message: str) -> None:
@@ -55,106 +63,204 @@ def _say(message: str) -> None:
 
 # -- data --------------------------------------------------------------------------------------
 
+TEST_FRACTION = 0.2
+MASK_DIRS = ("masks", "HAM10000_segmentations_lesion_tschandl")
+EXPECTED = (
+    "the demo expects a HAM10000 layout (HAM10000_metadata.csv and <image_id>.jpg in images/ or "
+    "beside it), one subfolder of images per class (at least 2 classes), or, with --task "
+    "segmentation, images with <name>_segmentation.png masks (in masks/ or beside them); images "
+    "may be " + " ".join(sorted(IMAGE_SUFFIXES))
+)
 
-def _split_by_group(names: list[str], groups: list[str], test_fraction: float = 0.2) -> set[str]:
-    """Names whose group falls in a seeded ~20% test share (groups never straddle the split)."""
-    unique = sorted(set(groups))
-    rng = np.random.default_rng(0)
-    test_groups = set(rng.permutation(unique)[: max(1, round(len(unique) * test_fraction))])
-    return {n for n, g in zip(names, groups, strict=True) if g in test_groups}
+
+class DemoDataUnusable(InvalidInput):
+    """``--data`` names a folder the demo cannot use (the CLI prints one line, exit code 2)."""
+
+    code = "DemoDataUnusable"
 
 
-def _from_csv(images_dir: Path, csv_path: Path, masks_dir: Path | None, limit: int) -> DemoData:
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))[: limit or None]
-    files = [images_dir / f"{r['image_id']}.jpg" for r in rows]
-    names = [f.name for f in files]
-    test = _split_by_group(names, [r.get("lesion_id") or r["image_id"] for r in rows])
+def _has_ham_columns(csv_path: Path) -> bool:
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    return {"image_id", "dx"} <= set(header)
+
+
+def _layout_of(root: Path, task: str) -> tuple[Path, ImportOptions]:
+    """The importer layout of ``--data DIR``: its image folder and options."""
+    if not root.is_dir():
+        raise DemoDataUnusable(f"--data {root} is not a folder; {EXPECTED}.")
+    images = root / "images" if (root / "images").is_dir() else root
+    masks = next((root / d for d in MASK_DIRS if (root / d).is_dir()), None)
+    # HAM10000's own metadata file; or a ``metadata.csv`` with its columns (the synthetic set's).
+    for name in (HAM10000_CSV, "metadata.csv"):
+        csv_path = root / name
+        if csv_path.is_file() and (name == HAM10000_CSV or _has_ham_columns(csv_path)):
+            return images, ImportOptions(layout="ham10000", csv_path=csv_path, masks_dir=masks)
+    if task == "segmentation":
+        return images, ImportOptions(layout="isic", masks_dir=masks)
+    return root, ImportOptions(layout="folders")
+
+
+def _upload_names(paths: list[Path]) -> dict[Path, str]:
+    """The file name, or ``<folder>_<name>`` for names that occur in more than one folder."""
+    seen: dict[str, int] = {}
+    for path in paths:
+        seen[path.name] = seen.get(path.name, 0) + 1
+    return {p: p.name if seen[p.name] == 1 else f"{p.parent.name}_{p.name}" for p in paths}
+
+
+def demo_data_from_entries(
+    root: Path, entries: list[ImportEntry], task: str, layout: str, limit: int = 0
+) -> DemoData:
+    """The demo's data from importer entries: ``limit`` images (whole lesions, stratified by
+    class) and a lesion-grouped, class-stratified test split (``ml.ham10000``, as simulate)."""
+    listed = len(entries)
+    entries = [e for e in entries if e.path.is_file()]
+    if not entries:
+        where = f" ({listed} listed in its CSV, none found)" if listed else ""
+        raise DemoDataUnusable(
+            f"--data {root}: no images in the {layout} layout{where}; {EXPECTED}."
+        )
+    if len(entries) < listed:
+        _say(f"skipping {listed - len(entries)} rows of the CSV whose image file is missing")
+    if task == "segmentation":
+        entries = [e for e in entries if e.mask_path is not None and e.mask_path.is_file()]
+        if not entries:
+            raise DemoDataUnusable(f"--data {root}: no image has a mask; {EXPECTED}.")
+    else:
+        classes = sorted({e.class_name for e in entries if e.class_name})
+        if len(classes) < 2 or any(e.class_name is None for e in entries):
+            raise DemoDataUnusable(
+                f"--data {root}: a classification demo needs at least 2 classes, found "
+                f"{len(entries)} images in {layout} layout with classes {classes}; {EXPECTED}."
+            )
+    from ml.ham10000 import lesion_split, stratified_lesion_rows  # torch: only when asked for
+
+    groups = np.array([str(e.meta.get("lesion_id") or e.path) for e in entries])
+    labels = np.array([e.class_name or "" for e in entries])
+    if limit and limit < len(entries):
+        rows = stratified_lesion_rows(groups, labels, limit)
+        entries, groups, labels = [entries[i] for i in rows], groups[rows], labels[rows]
+    pool, test = lesion_split(groups, TEST_FRACTION, seed=0, strata=labels)
+    names = _upload_names([e.path for e in entries])
     data = DemoData(
-        source=str(images_dir),
-        classes=sorted({r["dx"] for r in rows}),
-        pool=[f for f in files if f.name not in test],
-        test=[f for f in files if f.name in test],
-        truth={f.name: r["dx"] for f, r in zip(files, rows, strict=True)},
+        source=str(root),
+        classes=sorted(set(labels.tolist()) - {""}),
+        pool=[entries[i].path for i in pool],
+        test=[entries[i].path for i in test],
+        names=names,
     )
-    if masks_dir is not None:
-        data.masks = {f.name: masks_dir / f"{f.stem}_segmentation.png" for f in files}
+    for e in entries:
+        data.truth[names[e.path]] = e.class_name or ""
+        if task == "segmentation" and e.mask_path is not None:
+            data.masks[names[e.path]] = e.mask_path
     return data
 
 
-def _from_class_folders(root: Path, limit: int) -> DemoData:
-    pairs = [
-        (f, d.name)
-        for d in sorted(p for p in root.iterdir() if p.is_dir())
-        for f in sorted(d.iterdir())
-        if f.suffix.lower() in {".jpg", ".jpeg", ".png"}
-    ][: limit or None]
-    names = [f.name for f, _ in pairs]
-    test = _split_by_group(names, names)
-    return DemoData(
-        source=str(root),
-        classes=sorted({c for _, c in pairs}),
-        pool=[f for f, _ in pairs if f.name not in test],
-        test=[f for f, _ in pairs if f.name in test],
-        truth={f.name: c for f, c in pairs},
-    )
-
-
 def load_demo_data(args: argparse.Namespace, settings: Settings) -> DemoData:
-    """``--data DIR`` (HAM10000 layout, ISIC masks, or class folders), else synthetic lesions."""
+    """``--data DIR`` through the importer's layouts (ham10000, isic, folders), else synthetic
+    lesions; a folder the demo cannot use raises :class:`DemoDataUnusable`."""
     if args.data is None:
         from app.synthetic import write_synthetic_dataset
 
         root = settings.data_dir / "synthetic"
         csv_path = write_synthetic_dataset(root, n_images=args.images, size=96)
-        data = _from_csv(root / "images", csv_path, root / "masks", 0)
+        options = ImportOptions(layout="ham10000", csv_path=csv_path, masks_dir=root / "masks")
+        entries = list_entries(root / "images", options)
+        data = demo_data_from_entries(root, entries, args.task, "ham10000")
         data.synthetic = True
         return data
-    root = Path(args.data)
-    candidates = (root / "HAM10000_metadata.csv", root / "metadata.csv")
-    found = next((p for p in candidates if p.exists()), None)
-    if found is not None:
-        masks = root / "masks" if (root / "masks").is_dir() else None
-        images = root / "images" if (root / "images").is_dir() else root
-        return _from_csv(images, found, masks, args.limit)
-    return _from_class_folders(root, args.limit)
+    root = Path(args.data).expanduser()
+    images, options = _layout_of(root, args.task)
+    entries = list_entries(images, options)
+    return demo_data_from_entries(root, entries, args.task, options.layout, args.limit)
 
 
 # -- processes ---------------------------------------------------------------------------------
 
 
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def stopping_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``timeout``, docker, systemd, a closed terminal) stop the demo as
+    Ctrl-C does, so the children are stopped too (they run in their own sessions and never see
+    a signal sent to the demo's process group)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP ignored (the clean-up must not be interrupted half-way)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *TERMINATING_SIGNALS)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @contextmanager
 def running_system(settings: Settings, host: str, port: int) -> Iterator[str]:
-    """The API and a worker as child processes; both stopped cleanly on exit (Ctrl-C too)."""
+    """The API and a worker as child processes; both stopped cleanly on exit (Ctrl-C and, within
+    :func:`stopping_on_termination`, SIGTERM too)."""
     from worker.embedded import settings_env, start_worker, stop_worker
 
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings_env(settings)}
-    api_log = (logs / "api.log").open("ab")
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
-         "--port", str(port), "--no-access-log"],
-        env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    worker_log = (logs / "worker.log").open("ab")
-    worker = start_worker(settings, log_file=worker_log)
-    url = f"http://{host}:{port}"
-    try:
-        _wait_healthy(url, api)
-        _say(f"API on {url}, worker pid {worker.pid}; logs in {logs}")
-        yield url
-    finally:
-        _say("stopping the worker and the API ...")
+    api: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    with (logs / "api.log").open("ab") as api_log, (logs / "worker.log").open("ab") as worker_log:
+        try:
+            api = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
+                 host, "--port", str(port), "--no-access-log"],
+                env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            worker = start_worker(settings, log_file=worker_log)
+            url = f"http://{host}:{port}"
+            _wait_healthy(url, api)
+            _say(f"API on {url} (pid {api.pid}), worker pid {worker.pid}; logs in {logs}")
+            yield url
+        finally:
+            with _signals_held():
+                _say("stopping the worker and the API ...")
+                _stop_children(api, worker, stop_worker)
+
+
+def _stop_children(
+    api: subprocess.Popen[bytes] | None,
+    worker: subprocess.Popen[bytes] | None,
+    stop_worker: Callable[[subprocess.Popen[bytes]], int],
+) -> None:
+    """SIGTERM to both (the API first, so they shut down together), then wait; SIGKILL late ones."""
+    if api is not None and api.poll() is None:
+        api.send_signal(signal.SIGTERM)
+    if worker is not None:
         stop_worker(worker)
-        if api.poll() is None:
-            api.send_signal(signal.SIGTERM)
-            try:
-                api.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                api.kill()
-        api_log.close()
-        worker_log.close()
+    if api is not None:
+        try:
+            api.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
 
 
 def _wait_healthy(url: str, api: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -212,6 +318,7 @@ def ensure_project(
         "image_size": args.image_size,
         "epochs": args.epochs,
         "batch_size": 16,
+        "warm_start": args.warm_start,
     }
     return find_or_create_project(client, body)
 
@@ -237,26 +344,48 @@ def upload_images(client: httpx.Client, project: dict[str, Any], data: DemoData)
     extra = {"meta": json.dumps({"synthetic": True})} if data.synthetic else {}
     with tqdm(total=len(data.pool) + len(data.test), desc="upload", unit="img") as bar:
         for chunk in _chunks(data.pool, UPLOAD_BATCH):
-            ids.update(_upload(client, project, chunk, {"split": "pool", **extra}))
+            ids.update(_upload(client, project, data, chunk, {"split": "pool", **extra}))
             bar.update(len(chunk))
         by_class: dict[str, list[Path]] = {}
         for f in data.test:
-            by_class.setdefault(data.truth[f.name], []).append(f)
+            by_class.setdefault(data.truth[data.name_of(f)], []).append(f)
         for class_name, files in by_class.items():
             label = class_name if project["task"] == "classification" else None
             form = {"split": "test", **extra, **({"label": label} if label else {})}
             for chunk in _chunks(files, UPLOAD_BATCH):
-                ids.update(_upload(client, project, chunk, form))
+                ids.update(_upload(client, project, data, chunk, form))
                 bar.update(len(chunk))
     return ids
 
 
 def _upload(
-    client: httpx.Client, project: dict[str, Any], files: list[Path], form: dict[str, str]
+    client: httpx.Client,
+    project: dict[str, Any],
+    data: DemoData,
+    files: list[Path],
+    form: dict[str, str],
 ) -> dict[int, str]:
-    parts = [("files", (f.name, f.read_bytes(), "application/octet-stream")) for f in files]
+    names = [data.name_of(f) for f in files]
+    parts = [
+        ("files", (n, f.read_bytes(), "application/octet-stream"))
+        for n, f in zip(names, files, strict=True)
+    ]
     result = _ok(client.post(f"/projects/{project['id']}/images", data=form, files=parts))
-    return {item["image"]["id"]: item["filename"] for item in result["items"]}
+    return {item["image"]["id"]: n for item, n in zip(result["items"], names, strict=True)}
+
+
+def label_test_masks(
+    client: httpx.Client, project: dict[str, Any], data: DemoData, names: dict[int, str]
+) -> int:
+    """Segmentation: the test split's masks as labels, so each round reports Jaccard and Dice
+    (a classification test split is uploaded with its classes). Idempotent across runs."""
+    if project["task"] != "segmentation":
+        return 0
+    test = {data.name_of(f) for f in data.test}
+    todo = [(image_id, name) for image_id, name in sorted(names.items()) if name in test]
+    for image_id, name in tqdm(todo, desc="test masks", unit="img"):
+        post_oracle_label(client, project, data, image_id, name, f"demo-test:{image_id}")
+    return len(todo)
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -365,7 +494,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", help="HAM10000 layout, ISIC layout or class folders (default: synthetic)"
     )
-    parser.add_argument("--limit", type=int, default=0, help="use at most N images of --data")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="use at most N images of --data (whole lesions, by class)",
+    )
     parser.add_argument("--images", type=int, default=300, help="synthetic images to generate")
     parser.add_argument(
         "--task", choices=["classification", "segmentation"], default="classification"
@@ -379,11 +513,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=24, help="images per round")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="pretrain the backbone on the pool first (SimCLR, about 10 min on a 2-core CPU)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
 
 
 def run(args: argparse.Namespace) -> int:
+    with stopping_on_termination():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
     broker = (settings.broker_url or "?").split("://")[0]
     database = settings.db_url.split("://")[0]
@@ -402,8 +546,11 @@ def run(args: argparse.Namespace) -> int:
                     _say("serving; press Ctrl-C to stop")
                     while True:
                         time.sleep(3600)
-    except KeyboardInterrupt:
-        _say("interrupted")
+    except KeyboardInterrupt as exc:
+        _say(f"interrupted ({exc or 'Ctrl-C'})")
+    except RuntimeError as exc:  # a refused request, a failed round: one line, no traceback
+        _say(f"error: {exc}")
+        return 1
     _say("stopped")
     return 0
 
@@ -413,6 +560,8 @@ def _demo_session(
 ) -> None:
     project = ensure_project(admin, args, data)
     names = upload_images(admin, project, data)
+    if tested := label_test_masks(admin, project, data, names):
+        _say(f"labeled the {tested} test images with their masks")
     rounds = _ok(admin.get("/rounds", params={"project_id": project["id"]}))
     if not any(r["status"] == "done" for r in rounds):
         _say(_metric_line(run_round(admin, project["id"])))
