@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
+from app.gate import RequestGate
+from app.middleware import ResponseBasics
 from app.migrate import upgrade
+from app.openapi import install_openapi
+from app.services.masks import sweep_orphan_files
 from app.settings import Settings, get_settings
 from app.storage import Storage
+
+log = logging.getLogger(__name__)
 
 # Router modules, each exposing ``router``; listed here so the surface is visible in one place.
 ROUTERS = (
@@ -23,6 +31,7 @@ ROUTERS = (
     "app.routers.queue",
     "app.routers.labels",
     "app.routers.rounds",
+    "app.routers.warm_start",
     "app.routers.models",
     "app.routers.ui",
     "app.routers.export",
@@ -30,6 +39,14 @@ ROUTERS = (
     "app.routers.activelearning",
     "app.routers.labelstudio",
 )
+
+
+def _sweep_storage(app: FastAPI) -> None:
+    """Delete the orphan files a killed process left (never stops the start-up)."""
+    try:
+        sweep_orphan_files(app.state.sessions, app.state.storage)
+    except Exception:
+        log.exception("the start-up sweep of orphan files failed; the files are kept")
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
@@ -41,6 +58,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if migrate:
             upgrade(engine)
+        await anyio.to_thread.run_sync(_sweep_storage, app)
         yield
         engine.dispose()
 
@@ -50,6 +68,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.sessions = make_sessionmaker(engine)
     app.state.storage = Storage(settings.files_dir)
     install_error_handlers(app)
+    # Authentication and the size limit before any body is read (app.gate).
+    app.add_middleware(RequestGate)
+    # Outermost: HEAD as GET without the body, nosniff on every response (app.middleware).
+    app.add_middleware(ResponseBasics)
     for name in ROUTERS:
         app.include_router(importlib.import_module(name).router)
+    install_openapi(app)  # errors as the envelope, hand-parsed bodies declared
     return app

@@ -68,6 +68,9 @@ class Base(DeclarativeBase):
 class Role(enum.StrEnum):
     admin = "admin"
     annotator = "annotator"
+    # A Label Studio connection's credential: works on /ls/* only, where it may speak for
+    # existing members (app.routers.labelstudio); refused everywhere else.
+    integration = "integration"
 
 
 class TaskKind(enum.StrEnum):
@@ -126,6 +129,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     role: Mapped[str] = mapped_column(String(20))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # None: the token never expires. Revoking replaces token_hash (migration 0004).
+    token_expires_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -151,6 +156,15 @@ class Project(Base):
     epochs: Mapped[int] = mapped_column(Integer, default=10)
     batch_size: Mapped[int] = mapped_column(Integer, default=32)
     learning_rate: Mapped[float | None] = mapped_column(Float)
+    # Selection options (issue 12, migration 0005): round 0's picker ("random", "typiclust",
+    # "probcover"), and the image-metadata key naming a group (HAM10000: "lesion_id") that no
+    # batch holds twice; with exclude_labeled_groups, no batch touches a labeled group either.
+    cold_start: Mapped[str] = mapped_column(String(20), default="random")
+    group_key: Mapped[str | None] = mapped_column(String(100))
+    exclude_labeled_groups: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Self-supervised warm start (issue 12, migration 0006): when set, creating a round queues
+    # the project's warm start (once); every later round trains from its backbone.
+    warm_start: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -177,7 +191,20 @@ class Label(Base):
     """Append-only: a newer label of the same image supersedes, history stays."""
 
     __tablename__ = "labels"
-    __table_args__ = (Index("ix_labels_image_created", "image_id", "id"),)
+    __table_args__ = (
+        Index("ix_labels_image_created", "image_id", "id"),
+        # Idempotency keys are the author's own (migration 0004): one user's key never
+        # answers, nor blocks, another's request. Author-less rows (CLI imports) share one
+        # key space.
+        UniqueConstraint("author_id", "idempotency_key"),
+        Index(
+            "uq_labels_idempotency_key_no_author",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("author_id IS NULL"),
+            postgresql_where=text("author_id IS NULL"),
+        ),
+    )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     project_id: Mapped[int] = mapped_column(
         ForeignKey("projects.id", ondelete="CASCADE"), index=True
@@ -189,7 +216,7 @@ class Label(Base):
     class_index: Mapped[int | None] = mapped_column(Integer)
     mask_key: Mapped[str | None] = mapped_column(String(500))
     lease_id: Mapped[int | None] = mapped_column(ForeignKey("leases.id"))
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -221,6 +248,33 @@ class Round(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    requested_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class WarmStart(Base):
+    """A project's self-supervised warm start (SimCLR on its pool images): one row per project,
+    run like a round (claimed with ``attempt``, heartbeat, progress, cancel, re-queued by the
+    reaper) by ``worker.pretrain``. ``status`` takes the round statuses ``queued``,
+    ``training``, ``done``, ``failed``, ``cancelled``; when done, ``checkpoint_key`` names the
+    ResNet-18 state_dict every later round starts from."""
+
+    __tablename__ = "warm_starts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), unique=True
+    )
+    status: Mapped[str] = mapped_column(String(20), default=RoundStatus.queued.value)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    checkpoint_key: Mapped[str | None] = mapped_column(String(500))
+    sha256: Mapped[str | None] = mapped_column(String(64))
     requested_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

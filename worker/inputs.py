@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
-from app.models import Image, Label, Project, QueueItem, Split
+from app.models import Image, Label, ModelVersion, Prediction, Project, QueueItem, Round, Split
 from app.settings import Settings
 from app.storage import Storage
 from ml.data import ImageDataset, load_image, load_mask
+from ml.infer import PoolOutput
+from ml.stopping import prediction_agreement
 from ml.train import resolve_device
 from worker.records import Claim
 
@@ -68,6 +71,9 @@ class ProjectConfig:
     batch_size: int
     learning_rate: float | None
     initial_fraction: float
+    cold_start: str = "random"
+    group_key: str | None = None
+    exclude_labeled_groups: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class RoundRows:
     pool: list[ImageRow]
     test: list[ImageRow]
     labels: dict[int, LabelRow]
+    groups: np.ndarray | None = None  # int64 [len(pool)]: group of each pool image, -1 = none
 
     def labeled_pool(self) -> list[int]:
         """Indices into ``pool`` of the images the snapshot labels."""
@@ -139,11 +146,35 @@ def read_round_rows(sessions: sessionmaker[Session], claim: Claim) -> RoundRows:
             batch_size=p.batch_size,
             learning_rate=p.learning_rate,
             initial_fraction=p.initial_fraction,
+            cold_start=p.cold_start,
+            group_key=p.group_key,
+            exclude_labeled_groups=p.exclude_labeled_groups,
         )
         pool = _images(session, p.id, Split.pool)
         test = _images(session, p.id, Split.test)
         labels = _current_labels(session, p.id, claim.label_snapshot_id)
-    return RoundRows(project, pool, test, labels)
+        groups = None if p.group_key is None else _pool_groups(session, p.id, p.group_key, pool)
+    return RoundRows(project, pool, test, labels, groups)
+
+
+def _pool_groups(
+    session: Session, project_id: int, key: str, pool: Sequence[ImageRow]
+) -> np.ndarray:
+    """int64 [len(pool)]: the pool images' ``meta[key]`` values numbered by first appearance
+    (in pool order); -1 where the key is missing, null or empty."""
+    rows = session.execute(
+        select(Image.id, Image.meta).where(
+            Image.project_id == project_id, Image.split == Split.pool.value
+        )
+    )
+    value = {r.id: (r.meta or {}).get(key) for r in rows}
+    ids: dict[str, int] = {}
+    out = np.full(len(pool), -1, dtype=np.int64)
+    for i, row in enumerate(pool):
+        v = value.get(row.id)
+        if v is not None and v != "":
+            out[i] = ids.setdefault(str(v), len(ids))
+    return out
 
 
 def read_covered_images(sessions: sessionmaker[Session], project_id: int) -> set[int]:
@@ -260,3 +291,103 @@ def dataset_fingerprint(rows: RoundRows, labeled: Sequence[int]) -> dict[str, An
     ids = [rows.pool[i].id for i in labeled]
     labels = [(rows.labels[i].class_index, rows.labels[i].mask_key) for i in ids]
     return {"image_ids": ids, "labels": labels}
+
+
+STOP_SET_MASKS = 1000  # segmentation: masks compared per round (PNG decoding is the cost)
+
+
+@dataclass(frozen=True)
+class PreviousPredictions:
+    """The newest earlier round's predictions: ``image_id -> (class_probs, mask_key)``."""
+
+    round_number: int
+    by_image: dict[int, tuple[list[float] | None, str | None]]
+
+
+def read_previous_predictions(
+    sessions: sessionmaker[Session], claim: Claim
+) -> PreviousPredictions | None:
+    """The predictions of the project's newest round before this one that has any (a cancelled
+    or failed round wrote none), or None."""
+    has_predictions = select(Prediction.id).where(Prediction.model_version_id == ModelVersion.id)
+    with unit_of_work(sessions) as session:
+        latest = session.execute(
+            select(ModelVersion.id, Round.number)
+            .join(Round, Round.id == ModelVersion.round_id)
+            .where(
+                Round.project_id == claim.project_id,
+                Round.number < claim.number,
+                has_predictions.exists(),
+            )
+            .order_by(Round.number.desc())
+            .limit(1)
+        ).first()
+        if latest is None:
+            return None
+        rows = session.execute(
+            select(Prediction.image_id, Prediction.class_probs, Prediction.mask_key).where(
+                Prediction.model_version_id == latest.id
+            )
+        )
+        return PreviousPredictions(
+            latest.number, {r.image_id: (r.class_probs, r.mask_key) for r in rows}
+        )
+
+
+def _stored_mask(mask: np.ndarray, row: ImageRow, size: int) -> np.ndarray:
+    """``mask`` as it reads back from its prediction PNG (resized to the image's size and back,
+    nearest), so both rounds' masks go through the same round trip."""
+    image = PILImage.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
+    stored = image.resize((row.width, row.height), PILImage.Resampling.NEAREST)
+    back = np.asarray(stored.resize((size, size), PILImage.Resampling.NEAREST))
+    return (back > 127).astype(np.uint8)  # as ml.data.load_mask reads a 0/255 PNG
+
+
+def stopping_signal(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    claim: Claim,
+    rows: RoundRows,
+    out: PoolOutput,
+) -> dict[str, Any] | None:
+    """Agreement of this round's predictions with the previous round's on the pool images that
+    are unlabeled now and were predicted then ("stabilizing predictions", ml.stopping):
+    classification compares predicted classes (all such images), segmentation the masks of a
+    fixed stop set (at most ``STOP_SET_MASKS`` images, the same ones every round while they stay
+    unlabeled). None before the second trained round."""
+    prev = read_previous_predictions(sessions, claim)
+    if prev is None:
+        return None
+    both = [
+        i
+        for i, row in enumerate(rows.pool)
+        if row.id not in rows.labels and row.id in prev.by_image
+    ]
+    if out.probs is not None:
+        num_classes = out.probs.shape[1]
+        probs = {i: prev.by_image[rows.pool[i].id][0] or [] for i in both}
+        both = [i for i in both if len(probs[i]) == num_classes]
+        before = np.array([int(np.argmax(probs[i])) for i in both], dtype=np.int64)
+        result = prediction_agreement(before, out.probs[both].argmax(1), num_classes)
+    else:
+        assert out.masks is not None
+        both = [i for i in both if prev.by_image[rows.pool[i].id][1] is not None]
+        both = sorted(both, key=lambda i: (rows.pool[i].id * 2654435761) % 2**32)
+        both = sorted(both[:STOP_SET_MASKS])
+        size = out.masks.shape[1]
+        before_masks, after = [], []
+        for i in both:
+            key = prev.by_image[rows.pool[i].id][1]
+            assert key is not None
+            try:
+                before_masks.append(load_mask(storage.path(key), size))
+            except (OSError, ValueError):  # a deleted or damaged old prediction: not compared
+                continue
+            after.append(_stored_mask(out.masks[i], rows.pool[i], size))
+        shape = (len(after), size, size)
+        result = prediction_agreement(
+            np.asarray(before_masks, dtype=np.uint8).reshape(shape),
+            np.asarray(after, dtype=np.uint8).reshape(shape),
+            2,
+        )
+    return {**result, "previous_round": prev.round_number}

@@ -27,10 +27,11 @@ from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.data import ImageDataset, Task
 from ml.infer import PoolOutput, score_pool
 from ml.selection import select
-from ml.train import TrainConfig, TrainResult, evaluate, train_model
+from ml.train import TrainConfig, TrainResult, evaluate, recipe, train_model
 from worker import inputs, records
 from worker.heartbeat import Heartbeat
 from worker.inputs import RoundEnv, RoundRows
+from worker.pretrain import warm_start_weights
 from worker.records import Claim, PredictionEntry, QueueEntry, RoundResult
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ def train_config(env: RoundEnv, claim: Claim, project: inputs.ProjectConfig) -> 
         epochs=project.epochs,
         batch_size=project.batch_size,
         image_size=project.image_size,
-        augment=True,
         seed=claim.round_id,
         device=env.settings.device,
     )
     if project.learning_rate is not None:
         config.lr = project.learning_rate
+    # The project's finished warm start, if any: every round then trains from its backbone.
+    config.weights_path = warm_start_weights(env, claim.project_id)
     return config
 
 
@@ -204,7 +206,9 @@ def score(
 def choose(
     env: RoundEnv, claim: Claim, rows: RoundRows, out: PoolOutput, labeled: Sequence[int]
 ) -> list[QueueEntry]:
-    """Select up to B unlabeled pool images not already waiting in an open queue item."""
+    """Select up to B unlabeled pool images not already waiting in an open queue item; with the
+    project's ``group_key``, one image per group at most (and, with ``exclude_labeled_groups``,
+    none of a group with a labeled or queued image), so fewer than B when the groups run out."""
     covered = inputs.read_covered_images(env.sessions, claim.project_id)
     mask = np.array([row.id in covered for row in rows.pool], dtype=bool)
     mask[list(labeled)] = True
@@ -221,6 +225,8 @@ def choose(
         probs=out.probs,
         seed=claim.round_id,
         device=env.device,
+        groups=rows.groups,
+        exclude_labeled_groups=rows.project.exclude_labeled_groups,
     )
     return [
         QueueEntry(
@@ -314,6 +320,7 @@ def learning_round(
         progress(RoundStatus.scoring, step="test", n=0 if test_set is None else len(test_set))
         test = None if test_set is None else evaluate(trained.model, test_set, device=env.device)
     metrics: dict[str, Any] = {"history": trained.history, "test": test, "device": env.device}
+    metrics["recipe"] = recipe(_task(project), train_config(env, claim, project))
     metrics.update(train_size=len(train_set), labeled_count=len(labeled))
     metrics["warnings"] = inputs.label_warnings(project, train_set)
     with watch.phase("checkpoint"):
@@ -327,6 +334,8 @@ def learning_round(
     heartbeat.check()
     with watch.phase("predictions"):
         preds = predictions(env, rows, out, version_id)
+    with watch.phase("stopping"):  # agreement with the previous round (ml.stopping)
+        metrics["stopping"] = inputs.stopping_signal(env.sessions, env.storage, claim, rows, out)
     metrics.update(pool_size=len(rows.pool), selected=len(queue), seconds=watch.seconds)
     return RoundResult(queue, preds, metrics, version_id, {"selected": len(queue)})
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
-
 from app.models import RoundStatus
 from app.settings import Settings
 from ml.selection import strategy_names
 from ml.train import TrainingCancelled
-from worker import inputs, records
+from worker import coldstart, inputs, records
 from worker.celery_app import TRANSIENT_ERRORS
 from worker.heartbeat import Heartbeat, RoundStopped
 from worker.inputs import RoundConfigError, RoundEnv, RoundRows
@@ -119,26 +117,27 @@ def initial_count(pool_size: int, fraction: float) -> int:
 
 
 def initial_selection(env: RoundEnv, claim: Claim, rows: RoundRows, labeled: int) -> RoundResult:
-    """No model yet: a random sample of the pool, seeded by the round id.
+    """No model yet: a random sample of the pool, seeded by the round id, or the project's
+    ``cold_start`` (TypiClust / ProbCover in the warm-start embedding, worker.coldstart).
 
     With no labels at all it is ``initial_fraction`` of the pool (the paper's S0); with one
     label (too few to train) it is the round's budget B.
     """
-    ProgressWriter(env, claim)(RoundStatus.selecting, step="random")
+    ProgressWriter(env, claim)(RoundStatus.selecting, step=rows.project.cold_start)
     covered = inputs.read_covered_images(env.sessions, claim.project_id)
     candidates = [row.id for row in rows.pool if row.id not in covered]
     wanted = (
         claim.budget if labeled else initial_count(len(rows.pool), rows.project.initial_fraction)
     )
     count = min(wanted, len(candidates))
-    rng = np.random.default_rng(claim.round_id)
-    picks = rng.choice(len(candidates), size=count, replace=False).tolist() if count else []
-    queue = [QueueEntry(candidates[i], None, None, None) for i in picks]
+    initial = coldstart.initial_picks(env, claim, rows, candidates, count)
+    queue = [QueueEntry(candidates[i], None, None, None) for i in initial.picks]
     metrics = {
         "model": None,
         "labeled_count": labeled,
         "pool_size": len(rows.pool),
         "selected": len(queue),
-        "note": "Random initial selection: too few labeled pool images to train a model.",
+        "note": f"{initial.note} Too few labeled pool images to train a model.",
+        "cold_start": initial.step,
     }
-    return RoundResult(queue, [], metrics, None, {"selected": len(queue), "step": "random"})
+    return RoundResult(queue, [], metrics, None, {"selected": len(queue), "step": initial.step})

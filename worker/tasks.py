@@ -1,12 +1,15 @@
 """Celery tasks: thin adapters from a message (IDs only) to ``worker.rounds`` / ``worker.reaper``.
 
+- ``warm_start.run(warm_start_id)`` (queue ``training``): a project's self-supervised warm start
+  (``worker.pretrain``), claimed, retried and reaped like a round.
 - ``round.run(round_id)`` (queue ``training``): run the round if it can be claimed. Retried with
   backoff only for transient errors (database or broker connection); everything else ends the
   round ``failed`` in the database and the task returns normally.
 - ``round.reap()`` (beat, every 30 s or a quarter of the heartbeat timeout if shorter, and once
   at worker start-up with ``startup=True``):
-  re-queue rounds whose heartbeat stopped, fail them after ``round_max_attempts``, and re-send
-  ``round.run`` for queued rounds that may have lost their message.
+  re-queue rounds (and warm starts) whose heartbeat stopped, fail them after
+  ``round_max_attempts``, and re-send ``round.run`` (``warm_start.run``) for queued ones that
+  may have lost their message.
 - ``broker.cleanup()`` (beat, SQLite transport only): delete consumed kombu messages older than
   an hour (kombu never deletes them).
 
@@ -47,6 +50,7 @@ from worker.celery_app import (
     is_sqlalchemy_broker,
 )
 from worker.embedded import EXCLUSIVE_ENV, PARENT_PID_ENV
+from worker.pretrain_records import WARM_START_RUN, reap_warm_starts
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,27 @@ def send_round(round_id: int) -> None:
     app.send_task(ROUND_RUN, args=[round_id], queue=TRAINING_QUEUE)
 
 
+@app.task(
+    name=WARM_START_RUN,
+    acks_late=True,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=5,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=8,
+)
+def run_warm_start_task(warm_start_id: int) -> None:
+    """Run a project's warm start (idempotent: a duplicate delivery finds nothing to claim)."""
+    from worker.pretrain import run_warm_start  # preloaded by a forking worker (worker_init)
+
+    run_warm_start(int(warm_start_id), get_settings())
+
+
+def send_warm_start(warm_start_id: int) -> None:
+    """Send ``warm_start.run(warm_start_id)`` to the ``training`` queue."""
+    app.send_task(WARM_START_RUN, args=[warm_start_id], queue=TRAINING_QUEUE)
+
+
 @app.task(name=ROUND_REAP, autoretry_for=TRANSIENT_ERRORS, retry_backoff=5, max_retries=3)
 def reap_rounds_task(startup: bool = False, exclusive: bool = False) -> dict[str, list[int]]:
     """Re-queue stale rounds and (re-)send their messages, after the commit.
@@ -83,18 +108,27 @@ def reap_rounds_task(startup: bool = False, exclusive: bool = False) -> dict[str
     """
     settings = get_settings()
     engine = make_engine(settings)
+    reap_args: dict[str, Any] = {
+        "timeout_seconds": 0.0 if exclusive else settings.heartbeat_timeout_seconds,
+        "max_attempts": settings.round_max_attempts,
+        "resend_all_queued": startup,
+    }
     try:
-        result = reaper.reap_rounds(
-            make_sessionmaker(engine),
-            settings,
-            timeout_seconds=0.0 if exclusive else settings.heartbeat_timeout_seconds,
-            max_attempts=settings.round_max_attempts,
-            resend_all_queued=startup,
-        )
+        result = reaper.reap_rounds(make_sessionmaker(engine), settings, **reap_args)
+        warm = reap_warm_starts(make_sessionmaker(engine), settings, **reap_args)
     finally:
         engine.dispose()
     for round_id in result.to_send:
         send_round(round_id)
+    for warm_start_id in warm.to_send:
+        send_warm_start(warm_start_id)
+    if warm.requeued or warm.failed or warm.resent:
+        log.warning(
+            "reaper: warm starts re-queued %s, failed %s, re-sent %s",
+            warm.requeued,
+            warm.failed,
+            warm.resent,
+        )
     if result.requeued or result.failed or result.resent:
         log.warning(
             "reaper: re-queued %s, failed %s, re-sent %s",
@@ -153,6 +187,7 @@ def _dump_stacks_on_sigusr2(sender: Any = None, **_: Any) -> None:
 def _preload_training_code(sender: Any = None, **_: Any) -> None:
     """Import torch, ml and the runner before the pool forks (see the module doc)."""
     if app.conf.worker_pool_start_method == "fork":
+        import worker.pretrain  # noqa: F401
         import worker.rounds  # noqa: F401
 
 

@@ -27,6 +27,7 @@ Strategy = Literal[
 ]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Task = Literal["classification", "segmentation"]
+ColdStart = Literal["random", "typiclust", "probcover"]
 AutoRoundRule = Literal["off", "batch_done", "every_n"]
 
 ProjectName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -41,6 +42,19 @@ ImageSize = Annotated[int, Field(ge=8, le=2048)]
 Epochs = Annotated[int, Field(ge=1, le=10_000)]
 BatchSize = Annotated[int, Field(ge=2, le=4096)]  # >= 2: the ranking loss needs pairs
 LearningRate = Annotated[float, Field(gt=0, le=10)]
+GroupKey = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+_COLD_START = (
+    "Round 0's initial set: at random, or TypiClust / ProbCover in the warm-start embedding."
+)
+_GROUP_KEY = (
+    "Image-metadata key naming a group (HAM10000: 'lesion_id'): no batch holds two images "
+    "of one group. null: no groups."
+)
+_EXCLUDE = "With group_key: no batch holds an image of a group that already has a label."
+_WARM_START = (
+    "Pretrain the backbone on the pool images (SimCLR, about 10 minutes on a 2-core CPU) when "
+    "the first round is created; every later round trains from it."
+)
 
 
 class ProjectCreate(BaseModel):
@@ -66,6 +80,10 @@ class ProjectCreate(BaseModel):
     epochs: Epochs = 10
     batch_size: BatchSize = 32
     learning_rate: LearningRate | None = None
+    cold_start: ColdStart = Field(default="random", description=_COLD_START)
+    group_key: GroupKey | None = Field(default=None, description=_GROUP_KEY)
+    exclude_labeled_groups: bool = Field(default=False, description=_EXCLUDE)
+    warm_start: bool = Field(default=False, description=_WARM_START)
 
 
 class ProjectUpdate(BaseModel):
@@ -87,6 +105,10 @@ class ProjectUpdate(BaseModel):
     learning_rate: LearningRate | None = Field(
         default=None, description="null resets it to the worker's default."
     )
+    cold_start: ColdStart | None = Field(default=None, description=_COLD_START)
+    group_key: GroupKey | None = Field(default=None, description=_GROUP_KEY)
+    exclude_labeled_groups: bool | None = Field(default=None, description=_EXCLUDE)
+    warm_start: bool | None = Field(default=None, description=_WARM_START)
 
 
 class ProjectOut(BaseModel):
@@ -107,6 +129,10 @@ class ProjectOut(BaseModel):
     epochs: int
     batch_size: int
     learning_rate: float | None
+    cold_start: str
+    group_key: str | None
+    exclude_labeled_groups: bool
+    warm_start: bool
     created_at: datetime
 
 

@@ -98,7 +98,7 @@ def create_project(session: Session, data: ProjectCreate) -> Project:
 
 
 # PATCH fields that may be set to null (the others keep their value when null is sent).
-_NULLABLE = {"auto_round_every", "learning_rate"}
+_NULLABLE = {"auto_round_every", "learning_rate", "group_key"}
 
 
 def update_project(session: Session, project_id: int, data: ProjectUpdate) -> Project:

@@ -32,6 +32,7 @@ from app.models import (
 )
 from app.schemas.rounds import RoundOut
 from app.services.queue import require_project
+from app.services.warm_start import maybe_queue_for_round as maybe_queue_warm_start
 from app.settings import Settings
 
 _ACTIVE = [status.value for status in ACTIVE_ROUND_STATUSES]
@@ -102,6 +103,7 @@ def _insert_round(
     session.flush()
     round_id = new_round.id
     call_after_commit(session, lambda: send_round(settings, round_id))
+    maybe_queue_warm_start(session, settings, project)  # with projects.warm_start, once
     return new_round
 
 

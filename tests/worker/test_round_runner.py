@@ -89,6 +89,11 @@ def _check_learning_round(
     path = env.storage.path(version.checkpoint_key)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == version.sha256
     assert version.metrics["test"] == row.metrics["test"]
+    recipe = version.metrics["recipe"]  # the training recipe is recorded with the model
+    classification = seeded.task == "classification"
+    assert recipe["augment"] == "derm" and recipe["warm_start"] is False
+    assert recipe["class_balance"] == ("sampler" if classification else "none")
+    assert recipe["loss"] == ("cross_entropy" if classification else "dice_bce")
     assert not env.storage.exists(version.checkpoint_key.replace(".pt", ".resume.pt"))
     model = model_from_checkpoint(load_checkpoint(path))
     assert model.task == seeded.task

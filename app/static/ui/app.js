@@ -1080,7 +1080,15 @@
     if (!metric) return [];
     return state.rounds
       .filter((r) => r.test_metrics && typeof r.test_metrics[metric] === "number" && r.labeled_count != null)
-      .map((r) => ({ x: r.labeled_count, y: r.test_metrics[metric], round: r.number }));
+      .map((r) => ({ x: r.labeled_count, y: r.test_metrics[metric], round: r.number, stop: stopping(r) }));
+  }
+
+  // The stopping signal (issue 12): agreement of a round's pool predictions with the previous
+  // round's (Cohen's kappa; "stabilizing predictions"). Near 1 for several rounds: more labels
+  // stop changing the model's mind.
+  function stopping(round) {
+    const s = round.metrics && round.metrics.stopping;
+    return s && typeof s.kappa === "number" ? s : null;
   }
 
   const SVG_NS = "http://www.w3.org/2000/svg";
@@ -1138,6 +1146,17 @@
     svg.append(svgEl("text", { class: "axis-label", x: (left + W - right) / 2, y: H - 8, "text-anchor": "middle" }, "labeled images"));
     svg.append(svgEl("text", { class: "axis-label", x: 14, y: (top + H - bottom) / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${(top + H - bottom) / 2})` }, `test ${metric.replaceAll("_", " ")}`));
     svg.append(svgEl("polyline", { class: "line", points: points.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" ") }));
+    const stops = yMax === 1 ? points.filter((p) => p.stop) : [];
+    if (stops.length) {
+      const ky = (p) => sy(Math.max(0, p.stop.kappa));
+      svg.append(svgEl("polyline", { class: "line stop-line", points: stops.map((p) => `${sx(p.x)},${ky(p)}`).join(" ") }));
+      for (const p of stops) {
+        const mark = svgEl("rect", { class: "stop-point", x: sx(p.x) - 4, y: ky(p) - 4, width: 8, height: 8 });
+        mark.append(svgEl("title", {}, `Round ${p.round}: agreement with round ${p.stop.previous_round}, kappa ${fmt(p.stop.kappa)} (${p.stop.n} images)`));
+        svg.append(mark);
+      }
+      svg.append(svgEl("text", { class: "tick stop-legend", x: W - right, y: top - 4, "text-anchor": "end" }, "dashed: kappa with the previous round (stopping signal)"));
+    }
     for (const p of points) {
       const dot = svgEl("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r: 5 });
       dot.append(svgEl("title", {}, `Round ${p.round}: ${p.x} labels, ${metric} ${fmt(p.y)}`));
@@ -1145,7 +1164,11 @@
       svg.append(svgEl("text", { class: "point-label", x: sx(p.x), y: sy(p.y) - 10, "text-anchor": "middle" }, fmt(p.y)));
     }
     holder.replaceChildren(svg);
-    fillTable(table, ["Round", "Labeled images", `Test ${metric.replaceAll("_", " ")}`], points.map((p) => [p.round, p.x, fmt(p.y)]));
+    fillTable(
+      table,
+      ["Round", "Labeled images", `Test ${metric.replaceAll("_", " ")}`, "Kappa with previous round"],
+      points.map((p) => [p.round, p.x, fmt(p.y), p.stop ? `${fmt(p.stop.kappa)} (${p.stop.n} images)` : "–"]),
+    );
   }
 
   function fillTable(table, headers, rows) {
