@@ -117,7 +117,7 @@ def _time_ours(
     """Run ours once: (picks, wall s, process CPU s, peak extra MB). Memory on CPU: growth of
     the process's max RSS over its current RSS (the pool is built without temporaries, so the
     earlier peak is ~ the RSS); on a GPU: ``torch.cuda.max_memory_allocated``."""
-    cuda = device != "cpu"
+    cuda = device.startswith("cuda")
     if cuda:
         import torch
 
@@ -143,10 +143,19 @@ def run_select_bench(
     seed: int = 0,
     alpha: float = 0.25,
     reference: bool = True,
+    check_cpu: bool = False,
+    warmup: bool = False,
 ) -> dict[str, Any]:
     """Time our confident k-center (eq. 5) and, if ``reference``, the reference-style one on the
-    same synthetic pool; check they pick the same set. Returns the JSON-able result."""
+    same synthetic pool; check they pick the same set. ``check_cpu`` (device not ``cpu``): also
+    time our CPU path and check it picks the same rows in the same order. ``warmup``: one small
+    untimed run first (CUDA context, kernels). Returns the JSON-able result."""
     x, mask, g = make_pool(n, dim, labeled, seed)
+    if warmup:
+        k = min(n, 2048)
+        confident_kcenter(
+            x[:k], mask[:k], min(budget, 16), alpha=alpha, predicted_loss=g[:k], device=device
+        )
     load = os.getloadavg()[0]
     ours, ours_s, ours_cpu, peak_mb = _time_ours(x, mask, g, budget, alpha, device)
     out: dict[str, Any] = {
@@ -171,6 +180,9 @@ def run_select_bench(
         "loadavg_1m_at_start": round(load, 2),
         "loadavg_1m_at_end": None,
     }
+    if check_cpu and device != "cpu":
+        cpu, cpu_s, _, _ = _time_ours(x, mask, g, budget, alpha, "cpu")
+        out.update(cpu_s=round(cpu_s, 3), same_order_as_cpu=bool(np.array_equal(cpu, ours)))
     if reference:
         t0, c0 = time.perf_counter(), time.process_time()
         ref, init = reference_kcenter(x, mask, budget, alpha, g)
@@ -199,14 +211,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=0.25, help="eq. 5 weight, in (0, 1]")
     p.add_argument("--no-reference", action="store_true", help="skip the reference run")
+    p.add_argument(
+        "--check-cpu", action="store_true", help="device not cpu: also run (and time) the CPU path"
+    )
+    p.add_argument("--warmup", action="store_true", help="one small untimed run first")
     a = p.parse_args(argv)
     if not 0.0 < a.alpha <= 1.0 or min(a.n, a.dim) < 1 or min(a.labeled, a.budget) < 0:
         p.error("need n, dim >= 1, labeled, budget >= 0 and 0 < alpha <= 1")
     out = run_select_bench(
-        a.n, a.dim, a.labeled, a.budget, a.device, a.seed, a.alpha, reference=not a.no_reference
+        a.n,
+        a.dim,
+        a.labeled,
+        a.budget,
+        a.device,
+        a.seed,
+        a.alpha,
+        reference=not a.no_reference,
+        check_cpu=a.check_cpu,
+        warmup=a.warmup,
     )
     print(json.dumps(out), flush=True)
-    return 0 if out["same_picks"] in (True, None) and math.isfinite(out["ours_s"]) else 1
+    same = out["same_picks"] in (True, None) and out.get("same_order_as_cpu", True)
+    return 0 if same and math.isfinite(out["ours_s"]) else 1
 
 
 if __name__ == "__main__":

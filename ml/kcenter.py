@@ -29,9 +29,21 @@ shift it by constants), which needs no powers and cannot underflow.
 
 Speed (per METHOD.md): the running min-distance vector is O(N); it is initialised with blocked
 matrix products (tiles of ``_CB x _LB``, never N x L) and updated per pick by a matrix-vector
-product. On CPU the update is screened in two stages (a PCA lower bound on ``_K + 1`` dims, then
-the full dims in float32 on the survivors only); on CUDA it is one dense direct distance pass
-with no host sync (picks stay on the device until the end).
+product. On CUDA the update is one dense direct distance pass with no host sync (picks stay on
+the device until the end). On CPU (numpy):
+
+* the initialisation skips far blocks (``_Greedy._init_pruned``): labeled rows are grouped by
+  k-means in PCA space, and a group whose PCA-space ball lies farther from every row of a
+  candidate tile than those rows' screened min over their nearest group is never multiplied;
+* eq. 5 runs lazily (``_Lazy``, product mode without groups): m only decreases and eq. 5 is
+  increasing in m for fixed (min m, min g), so stale m values bound the scores from above; a
+  small working set is kept exact pick by pick, the rest is brought up to date in one batched,
+  group-pruned pass per block of picks, and a block whose picks moved min m (the normalisation
+  offset) outside the working set is cut back to the last pick that saw the true min m. The
+  other modes (eq. 6, rank, groups) use the per-pick update, screened in two stages (a PCA lower
+  bound on ``_K + 1`` dims, then the full dims in float32 on the survivors only).
+
+Both speed-ups change no value: the tests compare them bit for bit with the per-pick path.
 """
 
 from __future__ import annotations
@@ -54,6 +66,70 @@ _K = 32  # PCA dims of the stage-1 lower bound
 _PCA_ROWS = 8192  # rows used to estimate the PCA basis (affects speed only, never picks)
 _REL = 1e-9  # relative slack covering float64 rounding of the direct distances
 _BIG = np.iinfo(np.int64).max
+_GROUP = 32  # labeled rows per k-means group of the pruned initialisation
+_KMEANS_STEPS = 8
+_KS = 512  # rows of the lazy working set chosen by score (see _Greedy._block)
+_KM = 128  # rows of the lazy working set chosen by min distance
+_BLOCK = 256  # most picks per lazy block
+_LAZY_MIN = 1  # fewest candidates for the lazy greedy
+_LAZY_GROUP = 256  # candidates per PCA group of the lazy layout when the init did not prune
+_PB = 256  # candidate rows per tile of the pruned initialisation
+_PRUNE_MIN = 2**32  # candidates x labeled x dims above which the initialisation prunes
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[R, C] squared distances by norm expansion (float64; used for bounds with a slack)."""
+    return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
+
+
+def _kmeans(z: np.ndarray, k: int) -> np.ndarray:
+    """[k', D] centres: farthest-point start, ``_KMEANS_STEPS`` Lloyd steps (deterministic)."""
+    cen = _farthest_points(z, k)
+    for _ in range(_KMEANS_STEPS):
+        a = _nearest(z, cen)
+        cnt = np.bincount(a, minlength=len(cen))
+        sums = np.zeros_like(cen)
+        np.add.at(sums, a, z)
+        cen = np.where(cnt[:, None] > 0, sums / np.maximum(cnt, 1)[:, None], cen)
+    return cen
+
+
+def _balls(
+    z: np.ndarray, cen: np.ndarray, a: np.ndarray | None = None
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Rows of ``z`` by nearest centre: (members of each non-empty group, their mean [G, D],
+    their radius around it [G])."""
+    a = _nearest(z, cen) if a is None else a
+    members = [r for r in (np.flatnonzero(a == b) for b in range(len(cen))) if len(r)]
+    mean = np.stack([z[r].mean(0) for r in members])
+    rad = np.array(
+        [np.sqrt(((z[r] - c) ** 2).sum(1)).max() for r, c in zip(members, mean, strict=True)]
+    )
+    return members, mean, rad
+
+
+def _top_mask(v: np.ndarray, k: int) -> np.ndarray:
+    """[n] bool: the ``k`` largest entries of ``v`` and every entry tied with the k-th."""
+    if k >= len(v):
+        return np.ones(len(v), dtype=bool)
+    return v >= np.partition(v, len(v) - k)[len(v) - k]
+
+
+def _farthest_points(z: np.ndarray, k: int) -> np.ndarray:
+    """[k', D] rows of ``z`` picked by greedy farthest-point traversal from row 0 (k' <= k:
+    stops early at duplicates); the k-means start of the pruned initialisation."""
+    idx, d = [0], ((z - z[0]) ** 2).sum(1)
+    while len(idx) < k and d.max() > 0:
+        idx.append(int(np.argmax(d)))
+        d = np.minimum(d, ((z - z[idx[-1]]) ** 2).sum(1))
+    return z[idx]
+
+
+def _nearest(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """[R] index of the nearest row of ``c`` for each row of ``a``, in chunks."""
+    return np.concatenate(
+        [np.argmin(_sqdist(a[s : s + _CHUNK], c), 1) for s in range(0, len(a), _CHUNK)]
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +167,9 @@ class _NumpyOps:
 
     def full(self, n: int | tuple[int, ...], value: float, dtype: Any) -> Array:
         return np.full(n, value, dtype=dtype)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return np.empty(shape, dtype=dtype)
 
     def cast(self, a: Array, dtype: Any) -> Array:
         return a.astype(dtype, copy=False)
@@ -156,6 +235,9 @@ class _TorchOps(_NumpyOps):
 
     def cast(self, a: Array, dtype: Any) -> Array:
         return a.to(dtype)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        return self.torch.empty(shape, dtype=dtype, device=self.device)
 
     def nonzero(self, mask: Array) -> Array:
         return self.torch.nonzero(mask).flatten()
@@ -251,12 +333,16 @@ class _Greedy:
         self.eps = 4.0 * (dim + 8) * ops.screen_u  # squared-distance error / (|a|^2 + |b|^2)
         self.mu = self._mean()
         self.xs, self.nx = self._screen_rows(self.orig)  # [U, D] centred screen copy, [U] norms^2
+        self.zc: np.ndarray | None = None  # PCA coords and group centres of the pruned init
+        self.zcen: np.ndarray | None = None
+        self.zgroup: np.ndarray | None = None
         self.m = self._init_min_distance()  # [U] float64, exact direct distances
         self.dense = update == "dense" or (update == "auto" and ops.sync_free)
         self.z: Array | None = None  # [K+1, U] stage-1 columns, see _project
         self.nz: Array | None = None
         self.big = len(cand) * dim > 2**20 and not ops.sync_free  # limit BLAS threads, see below
-        if not self.dense and dim > 2 * _K and len(cand) > 4 * _K:
+        lazy = self.lazy_ok() and self.n_lab > 0  # the lazy greedy needs no stage-1 columns
+        if not self.dense and not lazy and dim > 2 * _K and len(cand) > 4 * _K:
             with _one_blas_thread(self.big):
                 self.z, self.nz = self._project()
         # screen right-hand sides (see _screen), refreshed wherever m changes
@@ -282,7 +368,7 @@ class _Greedy:
     def _screen_rows(self, rows: Array) -> Pair:
         """Centred rows in the screen dtype [R, D] and their float64 squared norms [R]."""
         ops, r = self.ops, len(rows)
-        xs, nx = ops.full((r, self.xo.shape[1]), 0.0, ops.screen), ops.full(r, 0.0, ops.f64)
+        xs, nx = ops.empty((r, self.xo.shape[1]), ops.screen), ops.full(r, 0.0, ops.f64)
         for s in range(0, r, _CHUNK):
             x = ops.cast(self.xo[rows[s : s + _CHUNK]], ops.f64) - self.mu
             xs[s : s + _CHUNK] = ops.cast(x, ops.screen)
@@ -311,6 +397,10 @@ class _Greedy:
         lt, nl = self._screen_rows(self.lab)
         laug = ops.xp.concatenate([-2 * lt, ops.cast(nl, ops.screen)[:, None]], axis=1)  # [L, D+1]
         ones, nlmax = ops.full((_CB, 1), 1.0, ops.screen), float(nl.max())
+        if self._prune_init(n_c):
+            with _one_blas_thread(True):  # many mid-sized products: see _one_blas_thread
+                self._init_pruned(m, laug, nlmax)
+            return m
         for s in range(0, n_c, _CB):
             e = min(s + _CB, n_c)
             xaug = ops.xp.concatenate([self.xs[s:e], ones[: e - s]], axis=1)  # [cb, D+1]
@@ -318,7 +408,71 @@ class _Greedy:
             ops.scatter_min(m[s:e], i, self._direct(self.orig[s:e][i], other=self.lab[j]))
         return m
 
-    def _near_pairs(self, xaug: Array, nxb: Array, laug: Array, nlmax: float) -> Pair:
+    def _prune_init(self, n_c: int) -> bool:
+        """Whether to skip far (candidate tile, labeled group) blocks of the initialisation: CPU
+        (numpy) only, and only where the N x L product is large."""
+        dim = self.xo.shape[1]
+        return (
+            isinstance(self.xo, np.ndarray)
+            and not self.ops.sync_free
+            and dim > 2 * _K
+            and self.n_lab >= 4 * _GROUP
+            and n_c * self.n_lab * dim > _PRUNE_MIN
+        )
+
+    def _basis(self, rows: Array) -> Array:
+        """[D, K] float64 top PCA directions of a sample of the centred screen rows ``rows``."""
+        ops, n = self.ops, rows.shape[0]
+        sample = ops.cast(rows[:: max(1, n // _PCA_ROWS)][:_PCA_ROWS], ops.f64)
+        return ops.eigh_vectors(sample.T @ sample)[:, -_K:]
+
+    def _pz(self, rows: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """[R, K] float64 PCA coordinates ``(x - mu) @ P`` of pool rows ``rows`` (from the original
+        rows in float64, so the projected distances are lower bounds up to ~1e-15 relative)."""
+        out = np.empty((len(rows), p.shape[1]))
+        for s in range(0, len(rows), _CHUNK):
+            out[s : s + _CHUNK] = (self.xo[rows[s : s + _CHUNK]].astype(np.float64) - self.mu) @ p
+        return out
+
+    def _init_pruned(self, m: np.ndarray, laug: np.ndarray, nlmax: float) -> None:
+        """The blocked initialisation with far blocks skipped (same result as the dense one).
+
+        The labeled rows are split into ``~L / _GROUP`` groups by a few k-means steps in PCA
+        space, the candidates sorted by their nearest group centre and cut into tiles. A labeled
+        group B lies at least ``min_i (|z_i - c_B| - r_B)`` from a tile's rows (z: PCA coords,
+        c_B, r_B: the group's centre and radius there; projection cannot increase distances).
+        Each tile first screens its nearest group, which bounds every row's min distance from
+        above (screened value + margin); groups farther than that bound from every row of the
+        tile cannot hold a row's nearest labeled point and are skipped. The others go through
+        the same screen + direct recheck as the dense path, so the minima are exact."""
+        n_c = len(self.orig)
+        p = self._basis(self.xs)
+        zl, zc = self._pz(self.lab, p), self._pz(self.orig, p)
+        members, cen, rad = _balls(zl, _kmeans(zl, max(2, self.n_lab // _GROUP)))
+        self.zc, self.zcen, self.zgroup = zc, cen, _nearest(zc, cen)  # reused by _Lazy
+        order = np.argsort(self.zgroup, kind="stable")
+        slack = 1e-9 * (np.abs(zc).max() + np.abs(zl).max() + 1.0)  # rounding of z and P
+        ones = np.ones((_PB, 1), dtype=laug.dtype)
+        for s in range(0, n_c, _PB):
+            rows = order[s : s + _PB]
+            zr = zc[rows]
+            err = 1e-12 * ((zr * zr).sum(1)[:, None] + (cen * cen).sum(1)[None, :])
+            dz = np.sqrt(np.maximum(_sqdist(zr, cen) - err, 0.0))  # <= |z_i - c_B|
+            lb = dz - rad[None, :] * (1 + 1e-12) - slack  # [r, groups] lower bounds
+            xaug = np.concatenate([self.xs[rows], ones[: len(rows)]], axis=1)
+            first = np.concatenate([members[b] for b in np.unique(np.argmin(lb, 1))])
+            nxb = self.nx[rows]
+            *_, best = self._near_pairs(xaug, nxb, laug[first], nlmax, with_best=True)
+            ub = np.sqrt(np.maximum(best + 2 * self.eps * (nxb + nlmax), 0.0)) * (1 + 1e-9)
+            near = np.flatnonzero((lb <= ub[:, None]).any(0))
+            lab_rows = np.concatenate([members[b] for b in near])
+            i, j = self._near_pairs(xaug, nxb, laug[lab_rows], nlmax)[:2]
+            d = self._direct(self.orig[rows[i]], other=self.lab[lab_rows[j]])
+            np.minimum.at(m, rows[i], d)
+
+    def _near_pairs(
+        self, xaug: Array, nxb: Array, laug: Array, nlmax: float, with_best: bool = False
+    ) -> tuple[Array, ...]:
         """(row, labeled) index pairs whose screened squared distance is within ``2 * margin``
         of the row's screened minimum over all labeled tiles (a superset of the true argmins).
         Per tile: the row argmin, and (rarely) every entry of rows whose second-smallest entry
@@ -339,15 +493,14 @@ class _Greedy:
             found += [(rows, am + j0, v1), (amb[i2], j2 + j0, ta[i2, j2])]
         i, j, v = (ops.xp.concatenate([f[k] for f in found]) for k in range(3))
         keep = v <= best[i] + marg[i]
-        return i[keep], j[keep]
+        return (i[keep], j[keep], best) if with_best else (i[keep], j[keep])
 
     def _project(self) -> Pair:
         """Stage-1 screen data: ``[P^T x, |x - P P^T x|]`` [U, K+1] (screen dtype) and its float64
         squared norms [U]; P [D, K] = top PCA directions of a row sample. For orthonormal P the
         distance between two such rows is a lower bound of the full distance."""
         ops, xp, n_c = self.ops, self.ops.xp, len(self.orig)
-        sample = ops.cast(self.xs[:: max(1, n_c // _PCA_ROWS)][:_PCA_ROWS], ops.f64)
-        p = ops.eigh_vectors(sample.T @ sample)[:, -_K:]
+        p = self._basis(self.xs)
         z, nz = ops.full((_K + 1, n_c), 0.0, ops.screen), ops.full(n_c, 0.0, ops.f64)
         for s in range(0, n_c, _CHUNK):
             x = ops.cast(self.xs[s : s + _CHUNK], ops.f64)
@@ -452,10 +605,17 @@ class _Greedy:
         rec = ops.full((b, 8), math.nan, ops.f64)  # pool index (exact in float64) + stats
         t = 0
         with _one_blas_thread(self.big):
+            if self.lazy_ok() and self.n_lab > 0:
+                return self._result(_Lazy(self).run(b, rec))
             while t < b and n > 0:
                 n = self._step(t, n, rec)
                 t += 1
         return self._result(ops.host(rec[:t]))
+
+    def lazy_ok(self) -> bool:
+        """Whether the lazy greedy (:class:`_Lazy`) runs: numpy on CPU, eq. 5, no groups."""
+        lazy = type(self.ops) is _NumpyOps and self.mode == "product" and self.grp is None
+        return lazy and not self.dense and len(self.orig) >= _LAZY_MIN
 
     def _step(self, t: int, n: int, rec: Array) -> int:
         """Greedy step ``t`` over the ``n`` current candidates: pick, record, update; returns
@@ -529,3 +689,161 @@ def confident_kcenter(
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         return greedy.run(budget)
+
+
+class _Lazy:
+    """The greedy of a :class:`_Greedy` (numpy, eq. 5, no groups, labeled set not empty) with lazy
+    evaluation in blocks; the same picks and statistics as its step-by-step loop.
+
+    Layout: the candidates are reordered once by PCA-space group (k-means), never compacted
+    (a pick only clears ``alive``); each group is a contiguous row range with a centre and a
+    radius in PCA coordinates, so a pick ``u`` provably cannot lower the min distance of any
+    row of a group whose ball lies farther from ``u`` than the group's largest ``m``.
+
+    A block (:meth:`block`) starts with every ``m`` exact, ``c`` = min m over the candidates and
+    the exact scores ``S``. A working set T (the ``_KS`` best scores and the ``_KM`` largest m,
+    ties included) is kept exact pick by pick; every other row keeps its start value, an upper
+    bound of its m (m only decreases). eq. 5 in log form is increasing in m for fixed
+    (min m, min g), so while those stay, an outside row's score is at most ``tau`` (the best
+    outside score at the start) and its m at most ``mu``. A step is taken only when T's best
+    score is finite and above ``tau`` (then it is the argmax; ties go to the lowest index within
+    T, which holds every row that could tie) and T's largest m is at least ``mu`` (then it is
+    max m). The block stops after a pick that removes the min or max g or brings a T row below
+    ``c``. An outside row can also fall below ``c``: the closing sync (:meth:`sync`) computes the
+    exact distance of every row to the block's picks (the group bound, a float32 screen with
+    rigorous margins, float64 direct rechecks) and, if pick j brought a row that was still a
+    candidate below ``c``, keeps only the picks up to j (the later ones used a stale ``c``);
+    the first pick always stands. Degenerate steps (all m equal) go through :meth:`exact`."""
+
+    def __init__(self, gr: _Greedy) -> None:
+        self.gr, n = gr, len(gr.orig)
+        zc = gr.zc
+        if (
+            zc is None or gr.zcen is None
+        ):  # the initialisation did not prune: PCA coordinates and groups here
+            p = gr._basis(gr.xs)
+            zc = gr._pz(gr.orig, p)
+            cen = _kmeans(zc[:: max(1, n // _PCA_ROWS)], max(1, n // _LAZY_GROUP))
+        else:
+            cen = gr.zcen
+        members, self.cen, self.rad = _balls(zc, cen, gr.zgroup if zc is gr.zc else None)
+        order = np.concatenate(members)
+        self.cut = np.cumsum([0] + [len(r) for r in members])  # group q: rows cut[q]:cut[q+1]
+        self.zc = zc[order]
+        self.orig, self.m, self.g = gr.orig[order], gr.m[order], gr.g[order]
+        self.xs, self.nx = gr.xs[order], gr.nx[order]
+        gr.xs = gr.z = None  # the reordered copy replaces them
+        self.b2 = gr._rhs2(self.m, self.nx)
+        self.alive = np.ones(n, dtype=bool)
+        self.slack = 1e-9 * (float(np.abs(zc).max()) + 1.0)  # rounding of z and P
+
+    def run(self, b: int, rec: np.ndarray) -> np.ndarray:
+        t = 0
+        while t < b:
+            done = self.block(t, b, rec) or self.exact(t, rec)
+            t += done
+        return rec[:t]
+
+    def scores(self, m: np.ndarray, g: np.ndarray, stats: tuple[float, ...]) -> np.ndarray:
+        """eq. 5 in log form, elementwise exactly as :meth:`_Greedy._score` computes it."""
+        mmin, mmax, gmin, gmax = stats
+        a = self.gr.alpha
+        if a == 1.0:
+            return m
+        tm = np.where(mmax > mmin, a * np.log(m - mmin), 0.0)
+        return tm + np.where(gmax > gmin, (1 - a) * np.log(g - gmin), 0.0)
+
+    def stats(self) -> tuple[np.ndarray, tuple[float, ...]]:
+        live = np.flatnonzero(self.alive)
+        m, g = self.m[live], self.g[live]
+        return live, (float(m.min()), float(m.max()), float(g.min()), float(g.max()))
+
+    def exact(self, t: int, rec: np.ndarray) -> int:
+        """One plain step over every candidate (all m exact); returns 1."""
+        live, st = self.stats()
+        score = self.scores(self.m[live], self.g[live], st)
+        best = score.max()
+        hit = live[score == best]
+        k = int(hit[np.argmin(self.orig[hit])])
+        rec[t] = [self.orig[k], self.m[k], self.g[k], *st, best]
+        self.sync(np.array([k]), st[0])
+        return 1
+
+    def block(self, t: int, b: int, rec: np.ndarray) -> int:
+        """Lazy steps ``t, t+1, ...`` (at most ``_BLOCK``); returns how many stand (0: none
+        could be taken, the caller takes an exact step)."""
+        live, st = self.stats()
+        c, mmax, gmin, gmax = st
+        if not mmax > c or len(live) <= 2:
+            return 0
+        m = self.m[live]
+        score = self.scores(m, self.g[live], st)
+        top = _top_mask(score, _KS) | _top_mask(m, _KM)
+        tau = float(score[~top].max()) if not top.all() else -math.inf
+        mu = float(m[~top].max()) if not top.all() else -math.inf
+        ts = live[top]
+        orig_t, g_t, nx_t = self.orig[ts], self.g[ts], self.nx[ts]
+        xs_t, m_t, s_t = self.xs[ts], m[top], score[top]
+        b2_t = self.b2[ts]
+        on = np.ones(len(ts), dtype=bool)
+        eps, xo = self.gr.eps, self.gr.xo
+        picks: list[int] = []  # positions in ts
+        while t + len(picks) < b and len(picks) < _BLOCK and on.any():
+            best = float(s_t.max())
+            mm = float(m_t[on].max())
+            if not (math.isfinite(best) and best > tau and mm >= mu and mm > c):
+                break
+            hit = np.flatnonzero(s_t == best)
+            k = int(hit[np.argmin(orig_t[hit])]) if len(hit) > 1 else int(hit[0])
+            rec[t + len(picks)] = [orig_t[k], m_t[k], g_t[k], c, mm, gmin, gmax, best]
+            picks.append(k)
+            on[k], s_t[k] = False, -math.inf
+            w = (xs_t @ (-2 * xs_t[k])).astype(np.float64)
+            idx = np.flatnonzero((w + (1 - eps) * nx_t[k] <= b2_t) & on)
+            if len(idx):
+                d = self.gr._direct(orig_t[idx], u=xo[int(orig_t[k])].astype(np.float64))
+                m_t[idx] = np.minimum(m_t[idx], d)
+                b2_t[idx] = self.gr._rhs2(m_t[idx], nx_t[idx])
+                s_t[idx] = self.scores(m_t[idx], g_t[idx], (c, mm, gmin, gmax))
+            if g_t[k] in (gmin, gmax) or (on.any() and float(m_t[on].min()) < c):
+                break
+        return self.sync(ts[np.array(picks, dtype=np.int64)], c) if picks else 0
+
+    def sync(self, slots: np.ndarray, c: float) -> int:
+        """Make ``m`` exact after the picks ``slots`` (row positions, pick order) and retire
+        them; returns how many stand: all, or those up to the first that brought a row still a
+        candidate after it below ``c``."""
+        k, gr = len(slots), self.gr
+        step = np.full(len(self.m), k, dtype=np.int64)
+        step[slots] = np.arange(k)
+        zu = self.zc[slots]
+        err = 1e-12 * ((zu * zu).sum(1)[None, :] + (self.cen * self.cen).sum(1)[:, None])
+        dz = np.sqrt(np.maximum(_sqdist(self.cen, zu) - err, 0.0))  # [G, k] <= |c_G - z_u|
+        lb = dz - self.rad[:, None] * (1 + 1e-12) - self.slack
+        mx = np.maximum.reduceat(np.where(self.alive, self.m, -math.inf), self.cut[:-1])
+        near = lb <= mx[:, None] * (1 + 1e-9)
+        xu2 = -2 * self.xs[slots]
+        off = (1 - gr.eps) * self.nx[slots]
+        ii, jj = [], []
+        for q in np.flatnonzero(near.any(1)):
+            a, e = self.cut[q], self.cut[q + 1]
+            js = np.flatnonzero(near[q])
+            w = (self.xs[a:e] @ xu2[js].T).astype(np.float64)
+            i, j = np.nonzero(w + off[js] <= self.b2[a:e, None])
+            ii.append(i + a)
+            jj.append(js[j])
+        i = np.concatenate(ii) if ii else np.zeros(0, dtype=np.int64)
+        j = np.concatenate(jj) if jj else np.zeros(0, dtype=np.int64)
+        keep = step[i] > j  # rows still candidates after pick j (dead rows have b2 = -inf)
+        i, j = i[keep], j[keep]
+        d = gr._direct(self.orig[i], other=self.orig[slots][j])
+        bad = (d < c) & (j < k - 1)
+        done = int(j[bad].min()) + 1 if bad.any() else k
+        i, d = i[j < done], d[j < done]
+        if len(i):
+            np.minimum.at(self.m, i, d)
+            self.b2[i] = gr._rhs2(self.m[i], self.nx[i])
+        gone = slots[:done]
+        self.alive[gone] = False
+        self.b2[gone] = -math.inf
+        return done

@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -359,3 +360,21 @@ def test_bench_small(capsys: pytest.CaptureFixture[str]) -> None:
     )
     line = json.loads(capsys.readouterr().out.strip())
     assert line["same_picks"] is None and line["n"] == 800
+
+
+def test_bench_check_cpu_compares_another_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--check-cpu --warmup`` on a device other than cpu (torch on the CPU stands in for CUDA
+    here): the CPU path is timed too and must pick the same rows in the same order."""
+    pytest.importorskip("torch")
+    import ml.bench as mb
+
+    def on(x: np.ndarray, labeled: np.ndarray, budget: int, **kw: Any) -> kc.KCenterResult:
+        torch_cpu = kw.pop("device") == "torch-cpu"
+        backend = "torch" if torch_cpu else "auto"
+        return kc.confident_kcenter(x, labeled, budget, backend=backend, **kw)
+
+    monkeypatch.setattr(mb, "confident_kcenter", on)
+    argv = ["--n", "1500", "--dim", "24", "--labeled", "150", "--budget", "60", "--no-reference"]
+    assert bench_main([*argv, "--device", "torch-cpu", "--check-cpu", "--warmup"]) == 0
+    out = run_select_bench(1500, 24, 150, 60, "torch-cpu", reference=False, check_cpu=True)
+    assert out["same_order_as_cpu"] is True and out["cpu_s"] > 0
