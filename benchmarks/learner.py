@@ -11,7 +11,15 @@ series of commands with the same ``--out``.
 
 ``--warm-start FILE`` trains from a ResNet-18 state_dict (e.g. the warm-start job's output);
 ``--pretrain-epochs N`` first runs the self-supervised warm start on the pool images (never the
-test images) and counts its time in the row.
+test images) and counts its time in the row (the file is cached under ``artifacts/cache``, keyed
+by the pool and the settings).
+
+On a GPU (about 6 minutes of GPU time, estimated from gpu-short's measured 2,200 images/s at
+224 px; not yet run):
+
+    .venv/bin/python -m benchmarks.learner --data ../shared/data/ham10000 --seed 100 \
+        --device cuda --image-size 128 --epochs 30 --batch-size 128 --num-workers 8 \
+        --pretrain-epochs 50 --out artifacts/learner-gpu.csv
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--class-balance", choices=CLASS_BALANCES, default="sampler")
+    p.add_argument("--balance-power", type=float, default=1.0, help="1: full rebalancing")
     p.add_argument("--augment", choices=POLICIES, default="derm")
     p.add_argument("--warm-start", type=Path, help="a ResNet-18 state_dict to start from")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="run the warm start first")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (GPU: 8)")
     p.add_argument("--limit", type=int)
     p.add_argument("--label", default="", help="a name for this row")
     p.add_argument("--out", type=Path, default=Path("artifacts/learner.csv"))
@@ -82,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
         augment=args.augment, class_balance=args.class_balance, seed=args.seed,
+        balance_power=args.balance_power,
         device=args.device, weights_path=None if weights is None else str(weights),
+        num_workers=args.num_workers,
     )  # fmt: skip
     t0 = time.perf_counter()
 
@@ -97,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     row: dict[str, Any] = dict(
         label=args.label, seed=args.seed, image_size=args.image_size, epochs=args.epochs,
         lr=args.lr, class_balance=args.class_balance, augment=args.augment,
+        balance_power=args.balance_power,
         warm_start="" if weights is None else ("pretrain" if args.pretrain_epochs else "file"),
         pretrain_epochs=args.pretrain_epochs, n_pool=len(pool), n_test=len(test),
         accuracy=round(scores["accuracy"], 4),

@@ -43,6 +43,12 @@ def make_deterministic(threads: int = DEFAULT_THREADS) -> dict[str, object]:
         raise ValueError(f"threads must be >= 1, got {threads}")
     for key, value in PORTABLE_ENV.items():
         os.environ.setdefault(key, value)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        raise RuntimeError(
+            f"torch already dispatches to {capability} kernels: call make_deterministic "
+            "before any torch work in the process"
+        )
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     return {

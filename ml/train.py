@@ -78,6 +78,7 @@ class TrainConfig:
     image_size: int = 64
     augment: AugmentPolicy = "derm"
     class_balance: ClassBalance = "sampler"
+    balance_power: float = 1.0
     seg_loss: SegLoss = "dice_bce"
     seed: int = 0
     device: str = "auto"
@@ -221,7 +222,7 @@ def _make_trainer(
     weights = None
     sampler: WeightedRandomSampler | None = None
     if balance != "none" and train_set.targets is not None:
-        weights = class_weights(train_set.targets, num_classes)
+        weights = class_weights(train_set.targets, num_classes, config.balance_power)
         if balance == "sampler":
             per_sample = weights[torch.from_numpy(train_set.targets)].double().tolist()
             sampler = WeightedRandomSampler(
@@ -268,6 +269,7 @@ def recipe(task: Task, config: TrainConfig) -> dict[str, Any]:
     return {
         "augment": config.augment,
         "class_balance": config.class_balance if task == "classification" else "none",
+        "balance_power": config.balance_power,
         "loss": "cross_entropy" if task == "classification" else config.seg_loss,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
@@ -278,15 +280,18 @@ def recipe(task: Task, config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+def class_weights(targets: np.ndarray, num_classes: int, power: float = 1.0) -> torch.Tensor:
     """Inverse-frequency class weights ``N / (K * n_c)`` over the K classes present (0 for an
     absent class): a class-weighted loss or sampler then gives each present class the same
-    total weight, and the mean weight per sample is 1."""
+    total weight, and the mean weight per sample is 1. ``power`` < 1 rebalances part of the
+    way: weights ``proportional to n_c ** -power``, scaled so the mean weight per sample is 1
+    (0.5: each class's share goes as the square root of its count)."""
     counts = torch.bincount(torch.from_numpy(np.asarray(targets, dtype=np.int64)),
                             minlength=num_classes).float()  # fmt: skip
     present = counts > 0
     weights = torch.zeros(num_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
+    weights[present] = counts[present] ** -power
+    weights *= counts.sum() / (weights * counts).sum()
     return weights
 
 

@@ -28,6 +28,10 @@ def test_class_weights_inverse_frequency() -> None:
     assert per_sample.mean().item() == pytest.approx(1.0)  # the mean weight per sample is 1
     for c in (0, 1, 3):  # every present class carries the same total weight
         assert per_sample[torch.from_numpy(targets == c)].sum().item() == pytest.approx(3.0)
+    half = class_weights(targets, 4, power=0.5)  # part of the way: class totals ~ sqrt(n_c)
+    totals = [half[c].item() * n for c, n in ((0, 6), (1, 2), (3, 1))]
+    assert totals == pytest.approx([t * 9 / sum(np.sqrt([6, 2, 1])) for t in np.sqrt([6, 2, 1])])
+    assert half[torch.from_numpy(targets)].mean().item() == pytest.approx(1.0)
 
 
 def _imbalanced(n_major: int, n_minor: int, size: int = 32) -> ImageDataset:
