@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass
-from types import TracebackType
 from typing import Any
 
 from sqlalchemy import select
@@ -45,6 +43,7 @@ from ml.pretrain import PretrainConfig, PretrainResult, default_epochs, pretrain
 from ml.train import TrainingCancelled
 from worker import inputs
 from worker.celery_app import TRANSIENT_ERRORS
+from worker.heartbeat import Heartbeat
 from worker.inputs import ImageRow, RoundEnv
 from worker.pretrain_records import (
     WarmClaim,
@@ -76,59 +75,20 @@ class WarmStartStopped(Exception):
     """Raised between phases when the warm start was cancelled or is no longer this run's."""
 
 
-class WarmHeartbeat:
-    """As :class:`worker.heartbeat.Heartbeat`, for a warm start."""
-
-    def __init__(
-        self,
-        sessions: Sessions,
-        claim: WarmClaim,
-        interval_seconds: float,
-        poll_seconds: float = 2.0,
-    ) -> None:
-        self.sessions, self.claim, self.interval = sessions, claim, interval_seconds
-        self.poll = max(0.05, min(poll_seconds, interval_seconds))
-        self.owned = True
-        self.cancel_requested = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"heartbeat-warm-start-{claim.warm_start_id}", daemon=True
-        )
-
-    def __enter__(self) -> WarmHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stop.wait(self.poll):
-            write = time.monotonic() - last_beat >= self.interval
-            try:
-                signal = beat(self.sessions, self.claim, write=write)
-            except Exception:  # keep beating through a database blip
-                log.warning("warm start %s: heartbeat failed", self.claim.warm_start_id)
-                continue
-            if write:
-                last_beat = time.monotonic()
-            self.owned, self.cancel_requested = signal.owned, signal.cancel_requested
-            if not signal.owned:
-                return
-
-    def should_stop(self) -> bool:
-        return self.cancel_requested or not self.owned
-
-    def check(self) -> None:
-        if self.should_stop():
-            raise WarmStartStopped(f"warm start {self.claim.warm_start_id} stopped")
+def WarmHeartbeat(  # noqa: N802 (a constructor, named like the class it builds)
+    sessions: Sessions, claim: WarmClaim, interval_seconds: float, poll_seconds: float = 2.0
+) -> Heartbeat:
+    """:class:`worker.heartbeat.Heartbeat` for a warm start: the same thread, polls and
+    flags, beating the ``warm_starts`` row; ``check`` raises :class:`WarmStartStopped`."""
+    return Heartbeat(
+        sessions,
+        None,
+        interval_seconds,
+        poll_seconds,
+        beat=lambda write: beat(sessions, claim, write=write),
+        label=f"warm start {claim.warm_start_id} attempt {claim.attempt}",
+        stopped=WarmStartStopped,
+    )
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -192,7 +152,7 @@ def _config_from(state: dict[str, Any], device: str) -> PretrainConfig:
 
 
 def _pretrain(
-    env: RoundEnv, claim: WarmClaim, heartbeat: WarmHeartbeat
+    env: RoundEnv, claim: WarmClaim, heartbeat: Heartbeat
 ) -> tuple[PretrainResult, PretrainConfig, int]:
     rows = read_pool(env.sessions, claim.project_id)
     if len(rows.pool) < MIN_POOL_IMAGES:
@@ -278,7 +238,7 @@ def run_warm_start(warm_start_id: int, settings: Settings, env: RoundEnv | None 
             env.close()
 
 
-def _run_claimed(env: RoundEnv, claim: WarmClaim, heartbeat: WarmHeartbeat) -> str:
+def _run_claimed(env: RoundEnv, claim: WarmClaim, heartbeat: Heartbeat) -> str:
     try:
         began = time.perf_counter()
         result, config, pool_size = _pretrain(env, claim, heartbeat)
