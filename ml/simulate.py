@@ -74,6 +74,8 @@ _CLS5 = "random,entropy,coreset,learning_loss,confident_coreset"
 # the paper's flip, no imbalance handling, Dice alone. Pinned so their commands still reproduce
 # their figures.
 _PAPER_RECIPE = dict(augment="flip", class_balance="none", seg_loss="dice")
+_PREREG_RECIPE = dict(augment="derm", class_balance="sampler", seg_loss="dice_bce",
+                      warm_start_epochs=0, group_lesions="off", threads=2)  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     # Arithmetic in docs/benchmarks.md: ~65 min estimated at ~190 img/s train, ~720 img/s eval.
     "cpu-cls": dict(task="classification", strategies=_CLS5, seeds="0,1,2", image_size=64,
@@ -89,6 +91,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(strategies=",".join(strategy_names()), seeds="0,1,2,3,4", image_size=224,
                 epochs=50, batch_size=64, final_fraction=0.40, device="cuda", num_workers=4,
                 **_PAPER_RECIPE),
+    # Issue 13's pre-registered runs (docs/benchmarks.md, "Pre-registered protocol"): the
+    # learner's recipe (derm augmentation, class-balanced sampler, Dice + BCE), no warm start,
+    # 2 threads, 10% -> 30%, no full-data model, seeds 10-15. 2 epochs for classification: the
+    # protocol's time rule (a seed-99 smoke run projected 87 min at 3 epochs, over 85).
+    "prereg-cls": dict(task="classification", strategies="random,confident_coreset,vaal",
+                       seeds="10,11,12,13,14,15", image_size=64, epochs=2,
+                       final_fraction=0.30, no_full=True, device="cpu", **_PREREG_RECIPE),
+    "prereg-seg": dict(task="segmentation", strategies="random,confident_coreset",
+                       seeds="10,11,12,13,14,15", image_size=64, epochs=10, limit=2500,
+                       final_fraction=0.30, no_full=True, device="cpu", **_PREREG_RECIPE),
 }  # fmt: skip
 
 

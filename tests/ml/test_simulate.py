@@ -190,6 +190,13 @@ def test_presets_are_defaults_that_flags_override() -> None:
     assert (args.augment, args.class_balance, seg.seg_loss) == ("flip", "none", "dice")
     plain = parse_args(["--data", "x"])
     assert (plain.augment, plain.class_balance, plain.seg_loss) == ("derm", "sampler", "dice_bce")
+    # The pre-registered runs (issue 13): seeds 10-15, 10% -> 30%, no full model, repeatable.
+    for name, arms in (("prereg-cls", "random,confident_coreset,vaal"),
+                       ("prereg-seg", "random,confident_coreset")):  # fmt: skip
+        pre = parse_args(["--preset", name, "--data", "x"])
+        assert pre.strategies == arms and pre.seeds == "10,11,12,13,14,15"
+        assert pre.final_fraction == 0.30 and pre.no_full and pre.threads == 2
+        assert (pre.augment, pre.class_balance, pre.warm_start_epochs) == ("derm", "sampler", 0)
 
 
 def test_cli_errors(
