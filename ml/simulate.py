@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ml.augment import POLICIES, AugmentPolicy
+from ml.coldstart import embed_pool, probcover, typiclust
 from ml.data import ImageDataset, Task
 from ml.determinism import DEFAULT_THREADS, make_deterministic
 from ml.ham10000 import LoadedData, lesion_split, load_ham10000
@@ -153,6 +154,16 @@ def class_recall_cell(classes: Sequence[str], per_class: Sequence[float | None])
     pairs = zip(classes, per_class, strict=True)  # a length mismatch raises ValueError
     values = {c: None if r is None else round(float(r), 6) for c, r in pairs}
     return json.dumps(values, separators=(",", ":"))
+
+
+COLD_STARTS = ("typiclust", "probcover")
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``"confident_coreset@typiclust"`` -> ``("confident_coreset", "typiclust")``: an arm is a
+    strategy, optionally with a cold start that picks its initial set (``ml.coldstart``)."""
+    strategy, _, cold = arm.partition("@")
+    return strategy, cold or None
 
 
 def round_count(initial: float, budget: float, final: float) -> int:
@@ -355,10 +366,11 @@ class Simulation:
         model, train_s = self.train(s.pool, train_seed(s.seed, FULL_ROUND), s.weights_path)
         self.record(self.row(s, FULL, 0, s.pool, model), began, train_s, 0.0)
 
-    def pick(self, s: SeedSplit, strategy: str, model: ActiveModel, labeled: np.ndarray,
+    def pick(self, s: SeedSplit, arm: str, model: ActiveModel, labeled: np.ndarray,
              budget: int, rnd: int) -> np.ndarray:  # fmt: skip
         """Score the whole pool (not for ``random``) and select ``budget`` more images; returns
         their data rows."""
+        strategy, _ = split_arm(arm)
         scores: dict[str, Any] = dict(features=None)
         if strategy in IMAGE_STRATEGIES:  # VAAL learns from the images, not the model
             scores = dict(features=None, images=s.pool_set.images)
@@ -384,12 +396,22 @@ class Simulation:
             raise RuntimeError(f"{where}: round {rnd} has {len(rows)} labels, expected {size}")
         return rows
 
+    def initial(self, s: SeedSplit, cold_start: str | None) -> np.ndarray:
+        """Round 0's labeled rows: the seed's shared random set, or a cold start's picks in the
+        embedding of the warm start (or, without one, of a seeded untrained ResNet-18), as the
+        server's ``cold_start`` option does."""
+        if cold_start is None:
+            return initial_rows(s.pool, s.sizes[0], s.seed)
+        features = embed_pool(s.pool_set.images, s.weights_path, seed=s.seed, device=self.device)
+        pick = typiclust if cold_start == "typiclust" else probcover
+        return np.sort(s.pool[pick(features, s.sizes[0], seed=s.seed)])
+
     def run_strategy(self, s: SeedSplit, strategy: str) -> None:
         """All rounds of ``strategy`` for seed ``s.seed`` (resuming from the CSV and sidecar)."""
         sidecar = self.results.sidecar(self.task, strategy, s.seed)
         picks = self.results.load_picks(sidecar)
         if "0" not in picks:
-            picks = {"0": initial_rows(s.pool, s.sizes[0], s.seed).tolist()}
+            picks = {"0": self.initial(s, split_arm(strategy)[1]).tolist()}
             self.results.save_picks(sidecar, picks)
         for rnd, size in enumerate(s.sizes):
             if (self.task, strategy, s.seed, rnd) in self.results.done:
@@ -435,10 +457,17 @@ def run_simulation(
     ``after_round(row)`` is called after each row is stored (tests raise in it to simulate a
     crash)."""
     known = strategy_names(images=True)
-    unknown = [s for s in config.strategies if s not in known]
+    unknown = [
+        s
+        for s in config.strategies
+        if split_arm(s)[0] not in known or split_arm(s)[1] not in (None, *COLD_STARTS)
+    ]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; known: {', '.join(known)}")
-    if config.task == "segmentation" and "entropy" in config.strategies:
+        raise ValueError(
+            f"unknown strategies {unknown}; known: {', '.join(known)}, each optionally with "
+            f"@{' or @'.join(COLD_STARTS)} (a cold-start initial set)"
+        )
+    if config.task == "segmentation" and "entropy" in {split_arm(a)[0] for a in config.strategies}:
         raise ValueError("entropy needs class probabilities: drop it for segmentation")
     if resolve_device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
@@ -472,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="results folder (default artifacts/simulate-<task>)")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
     p.add_argument("--strategies", default="random,confident_coreset",
-                   help=f"comma list of: {', '.join(strategy_names(images=True))}")  # fmt: skip
+                   help=f"comma list of: {', '.join(strategy_names(images=True))}; "
+        "STRATEGY@typiclust or @probcover picks its initial set by that cold start")  # fmt: skip
     p.add_argument("--seeds", default="0", help="comma list of run seeds, e.g. 0,1,2")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=10)

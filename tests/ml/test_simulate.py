@@ -241,3 +241,22 @@ def test_group_lesions_and_class_counts(layout: Path, tmp_path: Path) -> None:
         assert set(counts) == set(DX) and sum(counts.values()) == int(row["labels"])
     saved = json.loads((out / "run.json").read_text())
     assert saved["group_lesions"] == "batch" and saved["augment"] == "flip"
+
+
+def test_a_cold_start_arm_picks_its_own_initial_set(layout: Path, tmp_path: Path) -> None:
+    """``confident_coreset@typiclust``: round 0's labeled set comes from TypiClust in the
+    embedding (here of a seeded untrained ResNet-18), not the shared random set."""
+    out = tmp_path / "cold"
+    args = ["--data", str(layout), "--out", str(out), "--no-full", "--strategies",
+            "random,confident_coreset@typiclust", *FAST]  # fmt: skip
+    assert simulate.main(args) == 0
+    selections = out / "selections"
+    shared = json.loads((selections / "classification-random-seed0.json").read_text())["0"]
+    cold_file = selections / "classification-confident_coreset@typiclust-seed0.json"
+    cold = json.loads(cold_file.read_text())["0"]
+    assert len(cold) == len(shared) and len(set(cold)) == len(cold) and cold != shared
+    rows = read_csv(out / "results.csv")
+    assert {r["strategy"] for r in rows} == {"random", "confident_coreset@typiclust"}
+    bad = ["--data", str(layout), "--out", str(tmp_path / "bad"), "--strategies",
+           "random@kmeans", *FAST]  # fmt: skip
+    assert simulate.main(bad) == 2
