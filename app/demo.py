@@ -516,7 +516,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warm-start",
         action="store_true",
-        help="pretrain the backbone on the pool first (SimCLR, about 10 min on a 2-core CPU)",
+        help="pretrain the backbone on the pool first (SimCLR; minutes on a CPU)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
