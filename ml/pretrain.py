@@ -47,7 +47,13 @@ from torchvision.models import resnet18
 from torchvision.transforms.v2 import functional as TF
 
 from ml.data import IMAGENET_MEAN, IMAGENET_STD
-from ml.train import TrainingCancelled, amp_dtype, epoch_seed, resolve_device
+from ml.train import (
+    TrainingCancelled,
+    amp_dtype,
+    check_resumable,
+    epoch_seed,
+    resolve_device,
+)
 
 PRETRAIN_FORMAT = "coreloop.ml.pretrain/1"
 # Config fields that may change between a checkpoint and its resumption.
@@ -229,10 +235,7 @@ class _Pretrainer:
     def restore(self, state: dict, config: PretrainConfig) -> int:
         if state.get("format") != PRETRAIN_FORMAT:
             raise ValueError(f"not a pretraining checkpoint (format {state.get('format')!r})")
-        saved, now = state["config"], _plain_config(config)
-        changed = {k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]}
-        if changed:
-            raise ValueError(f"cannot resume with different settings: {sorted(changed)}")
+        check_resumable(state["config"], _plain_config(config), _RESUMABLE_CHANGES)
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])

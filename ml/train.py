@@ -183,10 +183,7 @@ class _Trainer:
             raise ValueError(f"not a training checkpoint (format {state.get('format')!r})")
         if (state["task"], state["num_classes"]) != (task, num_classes):
             raise ValueError("checkpoint is for another task or number of classes")
-        saved, now = state["config"], asdict(config)
-        changed = {k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]}
-        if changed:
-            raise ValueError(f"cannot resume with different settings: {sorted(changed)}")
+        check_resumable(state["config"], asdict(config), _RESUMABLE_CHANGES)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -199,6 +196,14 @@ class _Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return int(state["epoch"])
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], may_change: frozenset[str]) -> None:
+    """Refuse to resume a checkpoint made with other settings than ``now`` (those in
+    ``may_change`` aside: they change where and how fast, not what is computed)."""
+    changed = {k for k in now if k not in may_change and saved.get(k) != now[k]}
+    if changed:
+        raise ValueError(f"cannot resume with different settings: {sorted(changed)}")
 
 
 def _make_trainer(

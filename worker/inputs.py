@@ -7,6 +7,7 @@ with no transaction open, on a few threads (PIL releases the GIL while decoding 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,11 +24,14 @@ from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.models import Image, Label, ModelVersion, Prediction, Project, QueueItem, Round, Split
 from app.settings import Settings
 from app.storage import Storage
+from ml.checkpoint import load_checkpoint
 from ml.data import ImageDataset, load_image, load_mask
 from ml.infer import PoolOutput
 from ml.stopping import prediction_agreement
 from ml.train import resolve_device
 from worker.records import Claim
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
@@ -391,3 +395,19 @@ def stopping_signal(
             2,
         )
     return {**result, "previous_round": prev.round_number}
+
+
+def resume_state(env: RoundEnv, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The resumable checkpoint an earlier attempt left at ``key`` for the same work (its
+    ``coreloop_resume`` equals ``fingerprint``), if any: a round's or a warm start's."""
+    if not env.storage.exists(key):
+        return None
+    try:
+        state = load_checkpoint(env.storage.path(key))
+    except Exception:  # a damaged file only costs the epochs it held
+        log.warning("cannot read %s; starting from scratch", key, exc_info=True)
+        return None
+    if state.get("coreloop_resume") != fingerprint:
+        return None
+    log.info("resuming %s after epoch %s", key, state.get("epoch"))
+    return state

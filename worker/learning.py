@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from app.models import RoundStatus
-from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.checkpoint import save_checkpoint
 from ml.data import ImageDataset, Task
 from ml.infer import PoolOutput, score_pool
 from ml.selection import select
@@ -85,21 +85,6 @@ def train_config(env: RoundEnv, claim: Claim, project: inputs.ProjectConfig) -> 
     return config
 
 
-def _resume_state(env: RoundEnv, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The resumable checkpoint an earlier attempt left on the same data, if any."""
-    if not env.storage.exists(key):
-        return None
-    try:
-        state = load_checkpoint(env.storage.path(key))
-    except Exception:  # a damaged file only costs the epochs it held
-        log.warning("cannot read %s; training from scratch", key, exc_info=True)
-        return None
-    if state.get("coreloop_resume") != fingerprint:
-        return None
-    log.info("resuming %s after epoch %s", key, state.get("epoch"))
-    return state
-
-
 def train(
     env: RoundEnv,
     claim: Claim,
@@ -147,7 +132,7 @@ def train(
         config,
         on_epoch=on_epoch,
         should_stop=heartbeat.should_stop,
-        resume=_resume_state(env, key, fingerprint),
+        resume=inputs.resume_state(env, key, fingerprint),
         checkpoint_every=save_resumable,
     )
 
@@ -320,7 +305,7 @@ def learning_round(
         progress(RoundStatus.scoring, step="test", n=0 if test_set is None else len(test_set))
         test = None if test_set is None else evaluate(trained.model, test_set, device=env.device)
     metrics: dict[str, Any] = {"history": trained.history, "test": test, "device": env.device}
-    metrics["recipe"] = recipe(_task(project), train_config(env, claim, project))
+    metrics["recipe"] = recipe(_task(project), TrainConfig(**trained.checkpoint["config"]))
     metrics.update(train_size=len(train_set), labeled_count=len(labeled))
     metrics["warnings"] = inputs.label_warnings(project, train_set)
     with watch.phase("checkpoint"):

@@ -38,7 +38,7 @@ from sqlalchemy import select
 from app.db import unit_of_work
 from app.models import Image, Project, RoundStatus, Split
 from app.settings import Settings
-from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.checkpoint import save_checkpoint
 from ml.pretrain import PretrainConfig, PretrainResult, default_epochs, pretrain_backbone
 from ml.train import TrainingCancelled
 from worker import inputs
@@ -129,20 +129,6 @@ def pretrain_config(
     )
 
 
-def _resume_state(env: RoundEnv, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    if not env.storage.exists(key):
-        return None
-    try:
-        state = load_checkpoint(env.storage.path(key))
-    except Exception:  # a damaged file only costs the epochs it held
-        log.warning("cannot read %s; pretraining from scratch", key, exc_info=True)
-        return None
-    if state.get("coreloop_resume") != fingerprint:
-        return None
-    log.info("resuming %s after epoch %s", key, state.get("epoch"))
-    return state
-
-
 def _config_from(state: dict[str, Any], device: str) -> PretrainConfig:
     """The settings a resumable state was made with (its epochs included), on ``device``."""
     saved = dict(state["config"])
@@ -179,7 +165,7 @@ def _pretrain(
         "pool_image_ids": [row.id for row in rows.pool],
     }
     key = resume_key(claim.project_id)
-    resume = _resume_state(env, key, fingerprint)
+    resume = inputs.resume_state(env, key, fingerprint)
     if resume is not None:
         config = _config_from(resume, env.settings.device)
     else:
