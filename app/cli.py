@@ -138,9 +138,10 @@ def _configure_users(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--name", required=True)
     create.add_argument(
         "--role",
-        choices=["admin", "annotator", "integration"],
+        choices=["admin", "annotator", "reviewer", "integration"],
         default="annotator",
-        help="integration: Label Studio's credential, for /ls/* only",
+        help="integration: Label Studio's credential, for /ls/* only; annotators and reviewers "
+        "reach only the projects they are members of (`coreloop members add`)",
     )
     _add_expires_in(create)
     revoke = sub.add_parser(
@@ -190,6 +191,49 @@ def _run_users(args: argparse.Namespace) -> int:
     _print_token(token)
     if args.users_command == "rotate":
         _say(_PROPAGATION)
+    return EXIT_OK
+
+
+# -- members -----------------------------------------------------------------------------------
+
+
+def _configure_members(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="members_command", required=True, metavar="{add,list,remove}")
+    add = sub.add_parser("add", help="make a user a member of a project")
+    add.add_argument("project", help="project name or id")
+    add.add_argument("user", help="user name or id")
+    add.add_argument(
+        "--role",
+        choices=["annotator", "reviewer"],
+        default=None,
+        help="the role in this project (default: the user's own, when annotator or reviewer)",
+    )
+    listing = sub.add_parser("list", help="a project's members")
+    listing.add_argument("project", help="project name or id")
+    remove = sub.add_parser("remove", help="end a membership (the user's labels stay)")
+    remove.add_argument("project", help="project name or id")
+    remove.add_argument("user", help="user name or id")
+
+
+def _run_members(args: argparse.Namespace) -> int:
+    from app.db import unit_of_work
+    from app.services import members
+    from app.services.projects import find_project
+    from app.services.users import get_user
+
+    with _database(get_settings()) as sessions, unit_of_work(sessions) as session:
+        project = find_project(session, args.project)
+        if args.members_command == "list":
+            for member, user in members.list_members(session, project.id):
+                print(f"{user.id}\t{user.name}\t{member.role}")
+            return EXIT_OK
+        user = get_user(session, args.user)
+        if args.members_command == "remove":
+            members.remove_member(session, project.id, user.id)
+            print(f"removed {user.name!r} from project {project.name!r}")
+            return EXIT_OK
+        member = members.add_member(session, project.id, user, args.role)
+        print(f"added {user.name!r} to project {project.name!r} as {member.role}")
     return EXIT_OK
 
 
@@ -309,6 +353,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("run the API (upgrades the database first)", _configure_serve, _run_serve),
     "db": Command("database schema commands", _configure_db, _run_db),
     "users": Command("manage users", _configure_users, _run_users),
+    "members": Command("manage project members", _configure_members, _run_members),
     "import": Command("import a folder of images (and labels)", _configure_import, _run_import),
     "bench": Command("benchmarks (needs the ml extra)", _configure_bench, _run_bench),
     "worker": Command("run a Celery worker (coreloop worker -h)", _no_arguments, _run_worker),

@@ -338,6 +338,17 @@ def find_or_create_project(
     return created
 
 
+def ensure_member(admin: httpx.Client, project_id: int, token: str) -> None:
+    """Make the user of ``token`` an annotator of the project (annotators reach only the
+    projects they are members of); nothing to do when they already are."""
+    me = _ok(admin.get("/users/me", headers={"Authorization": f"Bearer {token}"}))
+    response = admin.post(
+        f"/projects/{project_id}/members", json={"user_id": me["id"], "role": "annotator"}
+    )
+    if response.status_code != 409:  # 409 MemberExists: a rerun of the demo
+        _ok(response)
+
+
 def upload_images(client: httpx.Client, project: dict[str, Any], data: DemoData) -> dict[int, str]:
     """Upload the pool (unlabeled) and the labeled test split; returns image id -> file name."""
     ids: dict[int, str] = {}
@@ -559,6 +570,7 @@ def _demo_session(
     admin: httpx.Client, url: str, tokens: dict[str, str], args: argparse.Namespace, data: DemoData
 ) -> None:
     project = ensure_project(admin, args, data)
+    ensure_member(admin, project["id"], tokens["annotator"])
     names = upload_images(admin, project, data)
     if tested := label_test_masks(admin, project, data, names):
         _say(f"labeled the {tested} test images with their masks")

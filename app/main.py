@@ -27,6 +27,8 @@ ROUTERS = (
     "app.routers.health",
     "app.routers.users",
     "app.routers.projects",
+    "app.routers.members",
+    "app.routers.agreement",
     "app.routers.images",
     "app.routers.queue",
     "app.routers.labels",

@@ -71,6 +71,16 @@ class Role(enum.StrEnum):
     # A Label Studio connection's credential: works on /ls/* only, where it may speak for
     # existing members (app.routers.labelstudio); refused everywhere else.
     integration = "integration"
+    # Settles disagreements between readers (issue 15): a member of a project as its reviewer
+    # sees every read of it; the role is also a project membership's (MemberRole).
+    reviewer = "reviewer"
+
+
+class MemberRole(enum.StrEnum):
+    """A user's role in one project (``project_members``); admin stays a global role."""
+
+    annotator = "annotator"
+    reviewer = "reviewer"
 
 
 class TaskKind(enum.StrEnum):
@@ -165,6 +175,22 @@ class Project(Base):
     # Self-supervised warm start (issue 12, migration 0006): when set, creating a round queues
     # the project's warm start (once); every later round trains from its backbone.
     warm_start: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ProjectMember(Base):
+    """Who may work on a project, and as what (migration 0007). Admins need no row: they reach
+    every project. Any other user reaches only the projects they are a member of."""
+
+    __tablename__ = "project_members"
+    __table_args__ = (
+        UniqueConstraint("project_id", "user_id"),
+        Index("ix_project_members_user", "user_id"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(20), default=MemberRole.annotator.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -40,7 +40,18 @@ from sqlalchemy.engine.url import make_url
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.migrate import upgrade
-from app.models import Image, Label, Lease, Project, QueueItem, Role, Round, User, utcnow
+from app.models import (
+    Image,
+    Label,
+    Lease,
+    Project,
+    ProjectMember,
+    QueueItem,
+    Role,
+    Round,
+    User,
+    utcnow,
+)
 from app.security import hash_token, new_token
 from app.settings import Settings
 
@@ -117,11 +128,13 @@ def _populate(settings: Settings, args: argparse.Namespace) -> tuple[int, list[s
             lease_ttl_seconds=600,
         )
         session.add(project)
-        session.add_all(
+        users = [
             User(name=f"annotator-{i}", role=Role.annotator.value, token_hash=hash_token(token))
             for i, token in enumerate(tokens)
-        )
+        ]
+        session.add_all(users)
         session.flush()
+        session.add_all(ProjectMember(project_id=project.id, user_id=u.id) for u in users)
         rnd = Round(
             project_id=project.id,
             number=0,

@@ -32,6 +32,7 @@ from app.models import Image, Project, Role, User
 from app.security import hash_token, new_token
 from app.settings import Settings
 from app.storage import Storage
+from tests.membership import grant_all
 
 PG_SERVER_URL = os.environ.get(
     "CORELOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -158,21 +159,26 @@ def client(app: Any) -> Iterator[TestClient]:
         yield test_client
 
 
-def _make_user(db: Session, name: str, role: Role) -> tuple[User, str]:
+def _make_user(db: Session, name: str, role: Role, member: bool = True) -> tuple[User, str]:
     token = new_token()
     user = User(name=name, role=role.value, token_hash=hash_token(token))
     db.add(user)
     db.flush()
+    if member:
+        grant_all(db)
     db.commit()
     return user, token
 
 
 @pytest.fixture
 def make_user(db: Session) -> Callable[..., tuple[User, str]]:
-    """``make_user(name, role)`` -> (user, plain token)."""
+    """``make_user(name, role, member=True)`` -> (user, plain token). With ``member``, an
+    annotator or reviewer is a member of every project (``tests/membership.py``)."""
 
-    def factory(name: str | None = None, role: Role = Role.annotator) -> tuple[User, str]:
-        return _make_user(db, name or f"user-{uuid.uuid4().hex[:6]}", role)
+    def factory(
+        name: str | None = None, role: Role = Role.annotator, member: bool = True
+    ) -> tuple[User, str]:
+        return _make_user(db, name or f"user-{uuid.uuid4().hex[:6]}", role, member)
 
     return factory
 
@@ -205,9 +211,10 @@ def png_bytes(
 
 @pytest.fixture
 def make_project(db: Session) -> Callable[..., Project]:
-    """Insert a project row directly (tests of other endpoints need not go through POST)."""
+    """Insert a project row directly (tests of other endpoints need not go through POST).
+    ``members=False``: nobody is a member (else every annotator and reviewer is one)."""
 
-    def factory(**overrides: Any) -> Project:
+    def factory(members: bool = True, **overrides: Any) -> Project:
         values: dict[str, Any] = {
             "name": f"project-{uuid.uuid4().hex[:8]}",
             "task": "classification",
@@ -222,6 +229,9 @@ def make_project(db: Session) -> Callable[..., Project]:
         values.update(overrides)
         project = Project(**values)
         db.add(project)
+        db.flush()
+        if members:
+            grant_all(db)
         db.commit()
         return project
 

@@ -81,6 +81,32 @@ def _make_project(name: str, classes: list[str]) -> None:
         engine.dispose()
 
 
+def test_members_add_list_remove(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "upgrade"]) == 0
+    _make_project("derm", ["benign", "malignant"])
+    assert main(["users", "create", "--name", "ann"]) == 0
+    capsys.readouterr()
+    assert main(["users", "create", "--name", "rev", "--role", "reviewer"]) == 0
+    token = _token_from(capsys.readouterr().out)  # the reviewer's
+    assert main(["members", "add", "derm", "ann"]) == 0
+    assert main(["members", "add", "derm", "rev"]) == 0
+    assert "added 'rev' to project 'derm' as reviewer" in capsys.readouterr().out
+    assert main(["members", "list", "derm"]) == 0
+    listed = [line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [["ann", "annotator"], ["rev", "reviewer"]]
+    with TestClient(create_app(get_settings())) as client:
+        mine = client.get("/projects", headers={"Authorization": f"Bearer {token}"}).json()
+    assert [p["name"] for p in mine] == ["derm"]
+    assert main(["members", "add", "derm", "ann"]) == 2
+    assert "already a member" in capsys.readouterr().err
+    assert main(["members", "remove", "derm", "ann"]) == 0
+    assert main(["members", "remove", "derm", "ann"]) == 2
+    assert "not a member" in capsys.readouterr().err
+    with TestClient(create_app(get_settings())) as client:
+        mine = client.get("/projects", headers={"Authorization": f"Bearer {token}"}).json()
+    assert [p["name"] for p in mine] == ["derm"]  # rev, the reviewer, is still a member
+
+
 def test_import_folders_with_labels(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["db", "upgrade"]) == 0
     _make_project("derm", ["benign", "malignant"])

@@ -30,6 +30,7 @@ from app.services.rounds import create_round
 from app.settings import Settings
 from app.storage import Storage
 from tests.conftest import new_database_url
+from tests.membership import grant_all
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,7 @@ def _populate(sessions: sessionmaker[Session], overlap: int) -> tuple[int, list[
         ]
         session.add_all([project, *users])
         session.flush()
+        grant_all(session)  # every annotator a member of the project
         rnd = Round(
             project_id=project.id,
             number=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -171,6 +172,11 @@ class FakeServer:
         body = request.read()
         if (method, path) == ("GET", "/projects"):
             return httpx.Response(200, json=[])
+        if (method, path) == ("GET", "/users/me"):
+            return httpx.Response(200, json={"id": 2, "name": "annotator", "role": "annotator"})
+        if (method, path) == ("POST", "/projects/1/members"):
+            self.calls.append((method, path, json.loads(body)))
+            return httpx.Response(201, json={"user_id": 2, "role": "annotator"})
         if (method, path) == ("POST", "/projects"):
             return httpx.Response(
                 201, json={"id": 1, "task": "segmentation", "classes": ["lesion"]}
@@ -218,6 +224,7 @@ def test_segmentation_demo_labels_the_test_split_with_its_masks_before_round_0(
     with httpx.Client(base_url="http://demo", transport=httpx.MockTransport(server)) as client:
         _demo_session(client, "http://demo", tokens, args, data)
 
+    assert ("POST", "/projects/1/members", {"user_id": 2, "role": "annotator"}) in server.calls
     labels = [c for c in server.calls if c[1] == "/labels"]
     test_ids = {server.uploaded[f.name] for f in data.test}
     assert {c[2]["image_id"] for c in labels} == test_ids and len(labels) == len(test_ids)

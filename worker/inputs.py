@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.models import Image, Label, ModelVersion, Prediction, Project, QueueItem, Round, Split
+from app.services.consensus import current_labels
 from app.settings import Settings
 from app.storage import Storage
 from ml.checkpoint import load_checkpoint
@@ -90,9 +91,12 @@ class ImageRow:
 
 @dataclass(frozen=True)
 class LabelRow:
+    """An image's current label (``app.services.consensus``): a class, or the masks whose
+    per-pixel majority is the mask (one mask: itself)."""
+
     image_id: int
     class_index: int | None
-    mask_key: str | None
+    mask_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -120,21 +124,11 @@ def _images(session: Session, project_id: int, split: Split) -> list[ImageRow]:
     return [ImageRow(r.id, r.storage_key, r.width, r.height) for r in rows]
 
 
-def _current_labels(session: Session, project_id: int, snapshot: int) -> dict[int, LabelRow]:
-    """The newest usable label (a class or a mask) per image among ids <= ``snapshot``."""
-    newest = (
-        select(func.max(Label.id))
-        .where(
-            Label.project_id == project_id,
-            Label.id <= snapshot,
-            Label.class_index.is_not(None) | Label.mask_key.is_not(None),
-        )
-        .group_by(Label.image_id)
-    )
-    rows = session.execute(
-        select(Label.image_id, Label.class_index, Label.mask_key).where(Label.id.in_(newest))
-    )
-    return {r.image_id: LabelRow(r.image_id, r.class_index, r.mask_key) for r in rows}
+def _current_labels(session: Session, project: Project, snapshot: int) -> dict[int, LabelRow]:
+    """The current label of each image among label ids <= ``snapshot``: the newest, or with
+    several readers their consensus (``app.services.consensus``, the one rule)."""
+    found = current_labels(session, project, up_to=snapshot)
+    return {i: LabelRow(i, c.class_index, c.mask_keys) for i, c in found.items()}
 
 
 def read_round_rows(sessions: sessionmaker[Session], claim: Claim) -> RoundRows:
@@ -156,7 +150,7 @@ def read_round_rows(sessions: sessionmaker[Session], claim: Claim) -> RoundRows:
         )
         pool = _images(session, p.id, Split.pool)
         test = _images(session, p.id, Split.test)
-        labels = _current_labels(session, p.id, claim.label_snapshot_id)
+        labels = _current_labels(session, p, claim.label_snapshot_id)
         groups = None if p.group_key is None else _pool_groups(session, p.id, p.group_key, pool)
     return RoundRows(project, pool, test, labels, groups)
 
@@ -239,18 +233,25 @@ def _targets(project: ProjectConfig, labels: Sequence[LabelRow]) -> np.ndarray:
     return classes.astype(np.int64)
 
 
+def _mask(storage: Storage, key: str, size: int) -> np.ndarray:
+    try:
+        return load_mask(storage.path(key), size)
+    except (OSError, ValueError) as exc:
+        raise RoundConfigError(f"Cannot read mask {key}: {exc}") from exc
+
+
 def _masks(storage: Storage, labels: Sequence[LabelRow], size: int) -> np.ndarray:
+    """uint8 [N, size, size]: each label's mask; with several readers' masks, the pixels more
+    than half of them mark (per-pixel majority at the training size)."""
     out = np.empty((len(labels), size, size), dtype=np.uint8)
     for i, lab in enumerate(labels):
-        if lab.mask_key is None:
+        if not lab.mask_keys:
             raise RoundConfigError(
                 f"Image {lab.image_id} is labeled with a class, not a mask; this is a "
                 "segmentation project: label it again with a mask."
             )
-        try:
-            out[i] = load_mask(storage.path(lab.mask_key), size)
-        except (OSError, ValueError) as exc:
-            raise RoundConfigError(f"Cannot read mask {lab.mask_key}: {exc}") from exc
+        votes = np.sum([_mask(storage, key, size) for key in lab.mask_keys], axis=0)
+        out[i] = (2 * votes > len(lab.mask_keys)).astype(np.uint8)
     return out
 
 
@@ -293,7 +294,7 @@ def num_outputs(project: ProjectConfig) -> int:
 def dataset_fingerprint(rows: RoundRows, labeled: Sequence[int]) -> dict[str, Any]:
     """Identifies a training set, so a resumed run only resumes on the very same data."""
     ids = [rows.pool[i].id for i in labeled]
-    labels = [(rows.labels[i].class_index, rows.labels[i].mask_key) for i in ids]
+    labels = [(rows.labels[i].class_index, list(rows.labels[i].mask_keys)) for i in ids]
     return {"image_ids": ids, "labels": labels}
 
 

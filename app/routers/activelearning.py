@@ -29,6 +29,7 @@ from app.deps import CurrentUser, SessionDep, SettingsDep
 from app.errors import NotFound
 from app.schemas.queue import Scores
 from app.services.images import get_image
+from app.services.members import require_annotator
 from app.services.queue import lease_next_items, require_project
 
 router = APIRouter(prefix="/activelearning", tags=["activelearning"])
@@ -76,6 +77,7 @@ def next_sample(
 ) -> NextSample:
     """The next image to label for the caller, leased (see the module doc)."""
     project = require_project(session, body.project_id)
+    require_annotator(session, user, project.id)
     accepted = accepted_strategies(project.strategy)
     if strategy not in accepted:
         raise NotFound(

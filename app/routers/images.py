@@ -1,4 +1,4 @@
-"""Images: admins upload (one or many files per request); everyone signed in reads them."""
+"""Images: admins upload (one or many files per request); the project's members read them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from app.schemas.images import (
     UploadResult,
 )
 from app.services import images as service
+from app.services.members import reads_filter, require_member
 from app.services.projects import get_project
 
 router = APIRouter(tags=["images"])
@@ -93,12 +94,13 @@ def upload_images(
 def list_images(
     project_id: int,
     session: SessionDep,
-    _: CurrentUser,
+    user: CurrentUser,
     split: SplitName | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> ImagePage:
     get_project(session, project_id)
+    require_member(session, user, project_id)
     images, total = service.list_images(
         session, project_id, split=split, limit=limit, offset=offset
     )
@@ -122,20 +124,23 @@ def _label_out(label: Label | None, classes: list[str]) -> CurrentLabel | None:
 
 
 @router.get("/images/{image_id}", response_model=ImageDetail)
-def read_image(image_id: int, session: SessionDep, _: CurrentUser) -> ImageDetail:
-    """The image's metadata and its current (newest) label, if any."""
+def read_image(image_id: int, session: SessionDep, user: CurrentUser) -> ImageDetail:
+    """The image's metadata and its current (newest) label, if any. With blind reads (the
+    project wants 2 or more reads per image), an annotator's own newest label only."""
     image = service.get_image(session, image_id)
-    classes = get_project(session, image.project_id).classes
-    label = _label_out(service.current_label(session, image_id), classes)
+    project = get_project(session, image.project_id)
+    author_id = reads_filter(session, user, project)
+    label = _label_out(service.current_label(session, image_id, author_id), project.classes)
     return ImageDetail(**ImageOut.model_validate(image).model_dump(), label=label)
 
 
 @router.get("/images/{image_id}/file", response_class=FileResponse)
 def read_image_file(
-    image_id: int, session: SessionDep, storage: StorageDep, _: CurrentUser
+    image_id: int, session: SessionDep, storage: StorageDep, user: CurrentUser
 ) -> FileResponse:
     """The stored bytes; content-addressed, so clients may cache them for good."""
     image = service.get_image(session, image_id)
+    require_member(session, user, image.project_id)
     path = storage.path(image.storage_key)
     if not path.is_file():
         raise NotFound(f"The file of image {image_id} is missing from storage.", code="FileMissing")

@@ -168,8 +168,10 @@ async def create_label(
 
 
 @router.get("/labels/{label_id}")
-def get_label(label_id: int, session: SessionDep, _: CurrentUser) -> LabelOut:
-    return labels_service.label_response(session, labels_service.get_label(session, label_id))
+def get_label(label_id: int, session: SessionDep, user: CurrentUser) -> LabelOut:
+    """A label (404 for another reader's label of a project with blind reads)."""
+    label = labels_service.get_label(session, user, label_id)
+    return labels_service.label_response(session, label)
 
 
 @router.get(
@@ -178,13 +180,14 @@ def get_label(label_id: int, session: SessionDep, _: CurrentUser) -> LabelOut:
     responses={200: {"content": {"image/png": {}}, "description": "The mask, 0/255 PNG"}},
 )
 def get_label_mask(
-    label_id: int, session: SessionDep, storage: StorageDep, _: CurrentUser
+    label_id: int, session: SessionDep, storage: StorageDep, user: CurrentUser
 ) -> Response:
-    key = labels_service.label_mask_key(session, label_id)
+    key = labels_service.label_mask_key(session, user, label_id)
     return Response(content=storage.read_bytes(key), media_type="image/png")
 
 
 @router.get("/images/{image_id}/labels")
-def list_image_labels(image_id: int, session: SessionDep, _: CurrentUser) -> list[LabelOut]:
-    """The image's label history, newest first (the first is the current label)."""
-    return labels_service.list_image_labels(session, image_id)
+def list_image_labels(image_id: int, session: SessionDep, user: CurrentUser) -> list[LabelOut]:
+    """The image's label history, newest first (the first is the current label). With blind
+    reads (the project wants 2 or more reads per image), an annotator sees their own only."""
+    return labels_service.list_image_labels(session, user, image_id)

@@ -127,21 +127,21 @@ def project_health(project_id: int) -> dict[str, str]:
 
 
 def setup(
-    body: LsSetupRequest, session: SessionDep, _: LsCaller, project_id: int | None = None
+    body: LsSetupRequest, session: SessionDep, caller: LsCaller, project_id: int | None = None
 ) -> LsSetupResponse:
     """The project's newest model version (and a check of the labeling config)."""
-    return service.setup(session, project_id, body)
+    return service.setup(session, project_id, body, caller)
 
 
 def predict(
     body: LsPredictRequest,
     session: SessionDep,
     storage: StorageDep,
-    _: LsCaller,
+    caller: LsCaller,
     project_id: int | None = None,
 ) -> LsPredictResponse:
     """Stored predictions of the newest model version, one per task, in order."""
-    return service.predict(session, storage, project_id, body)
+    return service.predict(session, storage, project_id, body, caller)
 
 
 def _record_later(

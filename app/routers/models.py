@@ -18,6 +18,7 @@ from app.deps import AdminUser, CurrentUser, SessionDep, StorageDep
 from app.errors import NotFound
 from app.models import ModelVersion, Round
 from app.schemas.models import ModelVersionOut
+from app.services.members import require_member
 from app.services.projects import get_project
 from app.storage import Storage
 
@@ -54,9 +55,10 @@ def _get_version(session: Session, model_id: int) -> tuple[ModelVersion, Round]:
 
 
 @router.get("/projects/{project_id}/models")
-def list_models(project_id: int, session: SessionDep, _: CurrentUser) -> list[ModelVersionOut]:
+def list_models(project_id: int, session: SessionDep, user: CurrentUser) -> list[ModelVersionOut]:
     """The project's model versions, newest round first."""
     get_project(session, project_id)
+    require_member(session, user, project_id)
     rows = session.execute(
         select(ModelVersion, Round)
         .join(Round, Round.id == ModelVersion.round_id)
@@ -67,8 +69,10 @@ def list_models(project_id: int, session: SessionDep, _: CurrentUser) -> list[Mo
 
 
 @router.get("/models/{model_id}")
-def read_model(model_id: int, session: SessionDep, _: CurrentUser) -> ModelVersionOut:
-    return _version_out(*_get_version(session, model_id))
+def read_model(model_id: int, session: SessionDep, user: CurrentUser) -> ModelVersionOut:
+    version, found_round = _get_version(session, model_id)
+    require_member(session, user, version.project_id)
+    return _version_out(version, found_round)
 
 
 def _checkpoint_size(storage: Storage, version: ModelVersion) -> int:

@@ -1,4 +1,4 @@
-"""Projects: admins create and configure them; everyone signed in can read them."""
+"""Projects: admins create and configure them; their members (and admins) read them."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from app.schemas.projects import (
     project_out,
 )
 from app.services import projects as service
+from app.services.members import require_member, visible_project_ids
 
 router = APIRouter(prefix="/projects", tags=["projects"])
 
 
 def _detail(session: SessionDep, project: Project) -> ProjectDetail:
-    counts = service.project_counts(session, project.id)
+    counts = service.project_counts(session, project)
     return ProjectDetail(**project_out(project).model_dump(), counts=counts)
 
 
@@ -29,12 +30,16 @@ def create_project(body: ProjectCreate, session: SessionDep, _: AdminUser) -> Pr
 
 
 @router.get("", response_model=list[ProjectOut])
-def list_projects(session: SessionDep, _: CurrentUser) -> list[ProjectOut]:
-    return [project_out(p) for p in service.list_projects(session)]
+def list_projects(session: SessionDep, user: CurrentUser) -> list[ProjectOut]:
+    """Every project for an admin; the projects they are a member of for anyone else."""
+    visible = visible_project_ids(session, user)
+    projects = service.list_projects(session)
+    return [project_out(p) for p in projects if visible is None or p.id in visible]
 
 
 @router.get("/{project_id}", response_model=ProjectDetail)
-def read_project(project_id: int, session: SessionDep, _: CurrentUser) -> ProjectDetail:
+def read_project(project_id: int, session: SessionDep, user: CurrentUser) -> ProjectDetail:
+    require_member(session, user, project_id)
     return _detail(session, service.get_project(session, project_id))
 
 

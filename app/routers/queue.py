@@ -56,7 +56,7 @@ def skip_lease(lease_id: int, session: SessionDep, user: CurrentUser) -> LeaseOu
     responses={200: {"content": {"image/png": {}}, "description": "The predicted mask"}},
 )
 def get_prediction_mask(
-    prediction_id: int, session: SessionDep, storage: StorageDep, _: CurrentUser
+    prediction_id: int, session: SessionDep, storage: StorageDep, user: CurrentUser
 ) -> Response:
-    key = queue_service.prediction_mask_key(session, prediction_id)
+    key = queue_service.prediction_mask_key(session, user, prediction_id)
     return Response(content=storage.read_bytes(key), media_type="image/png")

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from app.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from app.schemas.rounds import RoundCreate, RoundOut
 from app.services import rounds as rounds_service
+from app.services.members import require_member
 
 router = APIRouter(tags=["rounds"])
 
@@ -24,14 +25,16 @@ def create_round(
 
 
 @router.get("/rounds")
-def list_rounds(project_id: int, session: SessionDep, _: CurrentUser) -> list[RoundOut]:
+def list_rounds(project_id: int, session: SessionDep, user: CurrentUser) -> list[RoundOut]:
     """The project's rounds by number: the learning curve (labeled_count vs test_metrics)."""
+    require_member(session, user, project_id)
     return rounds_service.rounds_out(session, rounds_service.list_rounds(session, project_id))
 
 
 @router.get("/rounds/{round_id}")
-def get_round(round_id: int, session: SessionDep, _: CurrentUser) -> RoundOut:
+def get_round(round_id: int, session: SessionDep, user: CurrentUser) -> RoundOut:
     found = rounds_service.get_round(session, round_id)
+    require_member(session, user, found.project_id)
     return rounds_service.rounds_out(session, [found])[0]
 
 

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from app.deps import AdminUser, CurrentUser, SessionDep, SettingsDep
 from app.schemas.warm_start import WarmStartOut
 from app.services import warm_start as service
+from app.services.members import require_member
 
 router = APIRouter(tags=["warm start"])
 
@@ -25,8 +26,9 @@ def start_warm_start(
 
 
 @router.get("/projects/{project_id}/warm-start")
-def get_warm_start(project_id: int, session: SessionDep, _: CurrentUser) -> WarmStartOut:
+def get_warm_start(project_id: int, session: SessionDep, user: CurrentUser) -> WarmStartOut:
     """Status and progress (phase, epoch / epochs, loss); 404 ``WarmStartNotFound`` if none."""
+    require_member(session, user, project_id)
     return service.warm_start_out(service.get_warm_start(session, project_id))
 
 

@@ -138,7 +138,10 @@ class ProjectOut(BaseModel):
 
 class ProjectCounts(BaseModel):
     images: dict[str, int] = Field(description="Images per split (pool, val, test).")
-    labeled: int = Field(description="Pool images with a current label.")
+    labeled: int = Field(
+        description="Pool images with a current label (with several readers per image: a "
+        "consensus of their reads)."
+    )
     queued: int = Field(description="Queue items that still need labels.")
     leased: int = Field(description="Active, unexpired leases.")
     rounds: int

@@ -18,9 +18,11 @@ class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: UserName
-    role: Literal["admin", "annotator", "integration"] = Field(
+    role: Literal["admin", "annotator", "reviewer", "integration"] = Field(
         default="annotator",
-        description="'integration': a Label Studio connection's credential, for /ls/* only.",
+        description="'integration': a Label Studio connection's credential, for /ls/* only. "
+        "'reviewer': settles disagreements between readers in the projects they are a "
+        "reviewer of. Annotators and reviewers reach only the projects they are members of.",
     )
     expires_in_days: ExpiresInDays = None
 

@@ -391,11 +391,13 @@ def get_image(session: Session, image_id: int) -> Image:
     return image
 
 
-def current_label(session: Session, image_id: int) -> Label | None:
-    """The newest label of the image (labels are append-only)."""
-    return session.scalar(
-        select(Label).where(Label.image_id == image_id).order_by(Label.id.desc()).limit(1)
-    )
+def current_label(session: Session, image_id: int, author_id: int | None = None) -> Label | None:
+    """The newest label of the image (labels are append-only); only ``author_id``'s when given
+    (blind reads, ``app.services.members``)."""
+    query = select(Label).where(Label.image_id == image_id)
+    if author_id is not None:
+        query = query.where(Label.author_id == author_id)
+    return session.scalar(query.order_by(Label.id.desc()).limit(1))
 
 
 def list_images(

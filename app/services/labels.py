@@ -37,7 +37,9 @@ from app.models import (
     Lease,
     LeaseState,
     Project,
+    ProjectMember,
     QueueItem,
+    Role,
     TaskKind,
     User,
     utcnow,
@@ -50,6 +52,7 @@ from app.services.masks import (
     encode_png_mask,
     store_mask,
 )
+from app.services.members import checked_annotator, member_role, reads_filter, sees_all_reads
 from app.services.queue import lock_lease_item, require_project
 from app.services.rounds import maybe_start_auto_round
 from app.services.webhooks import fan_out
@@ -84,6 +87,14 @@ _TARGET = (
             WebhookSubscription.active.is_(true()),
         )
         .label("has_webhooks"),
+        # The author's role in the project (None: not a member; app.services.members).
+        select(ProjectMember.role)
+        .where(
+            ProjectMember.project_id == Project.id,
+            ProjectMember.user_id == bindparam("user_id"),
+        )
+        .scalar_subquery()
+        .label("member_role"),
     )
     .join(Project, Project.id == Image.project_id)
     .where(Image.id == bindparam("image_id"))
@@ -156,6 +167,7 @@ class _Target:
     require_lease: bool
     auto_round: str
     has_webhooks: bool
+    member_role: str | None
 
 
 @dataclass(frozen=True)
@@ -229,7 +241,7 @@ def _create_label(
     if existing is not None:
         replay = _replayed(conn, storage, existing, user, data, mask_png, decoded)
         return replay, False, None
-    target = _target(conn, data.image_id)
+    target = _target(conn, data.image_id, user)
     class_index, mask = _validated_content(target, data, mask_png, decoded)
     lease = _checked_lease(session, conn, target, user, data.lease_id)
     mask_key: str | None = None
@@ -282,11 +294,14 @@ def _create_label(
     return label, True, target.classes
 
 
-def _target(conn: Connection, image_id: int) -> _Target:
-    row = conn.execute(_TARGET, {"image_id": image_id}).first()
-    if row is None:
+def _target(conn: Connection, image_id: int, user: User) -> _Target:
+    """The image a label is for, if ``user`` may read it (an annotator member, or an admin)."""
+    row = conn.execute(_TARGET, {"image_id": image_id, "user_id": user.id}).first()
+    if row is None or (row.member_role is None and user.role != Role.admin):
         raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
-    return _Target(*row)
+    target = _Target(*row)
+    checked_annotator(user, target.project_id, target.member_role)
+    return target
 
 
 def _by_key(session: Session, conn: Connection, user: User, key: str) -> Label | None:
@@ -545,27 +560,37 @@ def _count_towards_queue(
         )
 
 
-def list_image_labels(session: Session, image_id: int) -> list[LabelOut]:
-    """The image's full label history, newest first."""
+def list_image_labels(session: Session, user: User, image_id: int) -> list[LabelOut]:
+    """The image's label history as ``user`` may see it, newest first: every read, or with
+    blind reads (``app.services.members``) an annotator's own."""
     image = session.get(Image, image_id)
     if image is None:
         raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
     project = require_project(session, image.project_id)
-    labels = session.scalars(
-        select(Label).where(Label.image_id == image_id).order_by(Label.id.desc())
-    ).all()
+    author_id = reads_filter(session, user, project)
+    query = select(Label).where(Label.image_id == image_id)
+    if author_id is not None:
+        query = query.where(Label.author_id == author_id)
+    labels = session.scalars(query.order_by(Label.id.desc())).all()
     return [label_out(label, project.classes) for label in labels]
 
 
-def get_label(session: Session, label_id: int) -> Label:
+def get_label(session: Session, user: User, label_id: int) -> Label:
+    """A label ``user`` may see: in a project they reach, and with blind reads their own (any
+    other is answered 404, as if it did not exist)."""
     label = session.get(Label, label_id)
+    if label is not None and label.author_id != user.id:
+        role = member_role(session, user, label.project_id)
+        project = require_project(session, label.project_id)
+        if role is None or not sees_all_reads(role, project):
+            label = None
     if label is None:
         raise NotFound(f"Label {label_id} does not exist.", code="LabelNotFound")
     return label
 
 
-def label_mask_key(session: Session, label_id: int) -> str:
-    label = get_label(session, label_id)
+def label_mask_key(session: Session, user: User, label_id: int) -> str:
+    label = get_label(session, user, label_id)
     if label.mask_key is None:
         raise NotFound(f"Label {label_id} is a class label; it has no mask.", code="MaskNotFound")
     return label.mask_key

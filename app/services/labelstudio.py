@@ -64,6 +64,7 @@ from app.schemas.labelstudio import (
 )
 from app.services.labels import create_label
 from app.services.masks import decode_png_mask, mask_to_rle
+from app.services.members import require_ls_reach
 from app.services.queue import require_project
 from app.settings import Settings
 from app.storage import Storage
@@ -143,9 +144,13 @@ def check_label_config(project: Project, config: LsLabelConfig) -> None:
 
 
 def setup(
-    session: Session, path_project_id: int | None, request: LsSetupRequest
+    session: Session,
+    path_project_id: int | None,
+    request: LsSetupRequest,
+    caller: User | None = None,
 ) -> LsSetupResponse:
     project = resolve_setup_project(session, path_project_id, request.extra_params)
+    require_ls_reach(session, caller, project.id)
     if request.label_schema and request.label_schema.strip():
         check_label_config(project, LsLabelConfig.parse(request.label_schema))
     return LsSetupResponse(model_version=newest_versions(session, [project.id])[project.id].name)
@@ -306,13 +311,21 @@ def _fallback_version(
 
 
 def predict(
-    session: Session, storage: Storage, path_project_id: int | None, request: LsPredictRequest
+    session: Session,
+    storage: Storage,
+    path_project_id: int | None,
+    request: LsPredictRequest,
+    caller: User | None = None,
 ) -> LsPredictResponse:
     """One prediction per task, in the tasks' order, from the newest model version's rows."""
+    if path_project_id is not None:
+        require_ls_reach(session, caller, path_project_id)
     config = LsLabelConfig.parse(request.label_config)
     wanted = {task.id: task.coreloop_image_id() for task in request.tasks}
     image_ids = [i for i in wanted.values() if i is not None]
     known = _known_images(session, image_ids, path_project_id)
+    for project_id in sorted({entry.project.id for entry in known.values()}):
+        require_ls_reach(session, caller, project_id)
     fallback = _fallback_version(session, path_project_id, known)
     results = []
     for task in request.tasks:

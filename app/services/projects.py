@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import Image, Label, Lease, LeaseState, Project, QueueItem, Round, Split, utcnow
 from app.schemas.projects import ProjectCounts, ProjectCreate, ProjectUpdate
+from app.services.consensus import current_labels
 
 DEFAULT_ALPHA = {"classification": 0.25, "segmentation": 0.5}
 DEFAULT_SEGMENTATION_CLASSES = ["lesion"]
@@ -117,8 +118,25 @@ def update_project(session: Session, project_id: int, data: ProjectUpdate) -> Pr
     return project
 
 
-def project_counts(session: Session, project_id: int) -> ProjectCounts:
+def _labeled_pool(session: Session, project: Project) -> int:
+    """Pool images with a current label: any label with one reader per image; with several,
+    those whose reads reached a consensus (``app.services.consensus``)."""
+    if project.overlap >= 2:
+        pool = select(Image.id).where(
+            Image.project_id == project.id, Image.split == Split.pool.value
+        )
+        return len(current_labels(session, project, image_ids=session.scalars(pool).all()))
+    labeled = session.scalar(
+        select(func.count(func.distinct(Label.image_id)))
+        .join(Image, Image.id == Label.image_id)
+        .where(Label.project_id == project.id, Image.split == Split.pool.value)
+    )
+    return labeled or 0
+
+
+def project_counts(session: Session, project: Project) -> ProjectCounts:
     """How many images (per split), labeled pool images, open queue items, leases, rounds."""
+    project_id = project.id
     by_split = dict.fromkeys((s.value for s in Split), 0)
     rows = session.execute(
         select(Image.split, func.count())
@@ -127,11 +145,7 @@ def project_counts(session: Session, project_id: int) -> ProjectCounts:
     )
     for split, count in rows:
         by_split[split] = count
-    labeled = session.scalar(
-        select(func.count(func.distinct(Label.image_id)))
-        .join(Image, Image.id == Label.image_id)
-        .where(Label.project_id == project_id, Image.split == Split.pool.value)
-    )
+    labeled = _labeled_pool(session, project)
     queued = session.scalar(
         select(func.count())
         .select_from(QueueItem)
@@ -151,7 +165,7 @@ def project_counts(session: Session, project_id: int) -> ProjectCounts:
     )
     return ProjectCounts(
         images=by_split,
-        labeled=labeled or 0,
+        labeled=labeled,
         queued=queued or 0,
         leased=leased or 0,
         rounds=rounds or 0,

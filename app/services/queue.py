@@ -38,12 +38,14 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Forbidden, NotFound
 from app.models import (
+    Image,
     Label,
     Lease,
     LeaseState,
     ModelVersion,
     Prediction,
     Project,
+    ProjectMember,
     QueueItem,
     Round,
     User,
@@ -51,6 +53,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas.queue import PredictionOut, QueueEntry, Scores
+from app.services.members import checked_annotator, require_member
 from app.settings import Settings
 
 _MAX_PASSES = 4  # candidate batches tried before answering with fewer items than asked
@@ -80,6 +83,9 @@ _PROJECT = select(
     Project.lease_ttl_seconds,
     select(func.max(ModelVersion.id))
     .where(ModelVersion.project_id == _project_id)
+    .scalar_subquery(),
+    select(ProjectMember.role)
+    .where(ProjectMember.project_id == _project_id, ProjectMember.user_id == _user_id)
     .scalar_subquery(),
 ).where(Project.id == _project_id)
 
@@ -200,10 +206,11 @@ def lease_next_items(
 ) -> list[QueueEntry]:
     """The caller's active leases, then new leases in (round, rank) order, ``limit`` in all."""
     conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
-    project = conn.execute(_PROJECT, {"project_id": project_id}).first()
+    project = conn.execute(_PROJECT, {"project_id": project_id, "user_id": user.id}).first()
     if project is None:
         raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
-    ttl, model_version_id = project
+    ttl, model_version_id, member_role = project
+    checked_annotator(user, project_id, member_role)
     limit = max(1, min(limit, settings.queue_max_limit))
     params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
     held = [
@@ -311,6 +318,7 @@ def _own_lease(session: Session, user: User, lease_id: int) -> Lease:
         raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")
     if lease.user_id != user.id:
         raise Forbidden(f"Lease {lease_id} belongs to another annotator.", code="LeaseNotYours")
+    require_member(session, user, lease.project_id)  # a removed member's leases are over
     return lease
 
 
@@ -376,11 +384,14 @@ def _end_lease(
     return lease
 
 
-def prediction_mask_key(session: Session, prediction_id: int) -> str:
+def prediction_mask_key(session: Session, user: User, prediction_id: int) -> str:
+    """The stored mask of a prediction, for a member of its project."""
     prediction = session.get(Prediction, prediction_id)
     if prediction is None or prediction.mask_key is None:
         raise NotFound(
             f"Prediction {prediction_id} does not exist or has no mask.",
             code="PredictionNotFound",
         )
+    project_id = session.scalar(select(Image.project_id).where(Image.id == prediction.image_id))
+    require_member(session, user, project_id or 0)
     return prediction.mask_key

@@ -44,6 +44,7 @@ from app.security import hash_token, new_token
 from app.settings import Settings
 from app.storage import Storage
 from app.synthetic import SYNTHETIC_CLASSES, render_lesion
+from tests.membership import grant_all
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
@@ -91,6 +92,7 @@ class LiveServer:
             )
             session.add(user)
             session.flush()
+            grant_all(session)
             return user.id, token
 
     def project(self, **fields: Any) -> int:
@@ -110,6 +112,7 @@ class LiveServer:
             project = Project(**values)
             session.add(project)
             session.flush()
+            grant_all(session)
             return project.id
 
     def image(

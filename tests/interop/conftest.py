@@ -35,6 +35,7 @@ from app.models import Role, User
 from app.security import hash_token, new_token
 from app.settings import Settings
 from app.storage import Storage
+from tests.membership import grant_all
 
 REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("CORELOOP_LS_VENV") or REPO / ".ls-venv").resolve()
@@ -286,11 +287,13 @@ class CoreloopServer:
 
     def add_member(self, name: str) -> None:
         """An annotator standing for a Label Studio user (``ls:<id>``): the webhook records
-        only annotations of existing members."""
+        only annotations of existing members), a member of every project so far."""
         with unit_of_work(self.sessions) as session:
             session.add(
                 User(name=name, role=Role.annotator.value, token_hash=hash_token(new_token()))
             )
+            session.flush()
+            grant_all(session)
 
     def get(self, path: str) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}

@@ -897,10 +897,12 @@
     const p = state.project;
     if (!p || !state.me || state.me.role !== "admin") return;
     const generation = state.generation;
-    const [project, rounds, models] = await Promise.all([
+    const [project, rounds, models, members, agreement] = await Promise.all([
       api(`/projects/${p.id}`),
       api(`/rounds?project_id=${p.id}`),
       api(`/projects/${p.id}/models`),
+      api(`/projects/${p.id}/members`),
+      api(`/projects/${p.id}/agreement`),
     ]);
     if (generation !== state.generation) return;
     state.project = project;
@@ -908,6 +910,7 @@
     state.models = models;
     renderProgress();
     renderStats();
+    renderReaders(members, agreement);
     renderMetricChoices();
     renderCurve();
     renderModels();
@@ -1193,6 +1196,35 @@
       tbody.append(tr);
     }
     table.replaceChildren(thead, tbody);
+  }
+
+  function renderReaders(members, agreement) {
+    const classes = agreement.task === "classification";
+    const figures = [
+      ["Readers per image", agreement.overlap],
+      ["Images compared", agreement.images_compared],
+      classes
+        ? [`Kappa (${agreement.kappa_method || "–"})`, fmt(agreement.kappa)]
+        : ["Mean Dice", fmt(agreement.mean_dice)],
+      classes ? ["Raw agreement", fmt(agreement.agreement)] : ["Mean IoU", fmt(agreement.mean_iou)],
+      ["Adjudication rate", fmt(agreement.adjudication_rate)],
+    ];
+    $("agreement").replaceChildren(...figures.map(([name, value]) => term("div", name, value)));
+    const byUser = new Map(agreement.annotators.map((a) => [a.user_id, a]));
+    const rows = members.map((m) => {
+      const a = byUser.get(m.user_id) || {};
+      const score = classes ? a.kappa : a.mean_dice;
+      return [m.name, m.role, a.reads ?? 0, a.pairs ?? 0, fmt(score)];
+    });
+    const table = $("readers-table");
+    if (!rows.length) {
+      const caption = document.createElement("caption");
+      caption.className = "muted";
+      caption.textContent = "No members yet: annotators reach only the projects they are members of.";
+      table.replaceChildren(caption);
+      return;
+    }
+    fillTable(table, ["Member", "Role", "Reads compared", "Pairs", classes ? "Kappa" : "Mean Dice"], rows);
   }
 
   function renderModels() {

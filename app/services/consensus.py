@@ -1,0 +1,195 @@
+"""The current label of an image: one rule, for the worker, the exports and the API (issue 15).
+
+Labels are append-only; what counts as an image's label depends on how many readers the
+project wants (``overlap``, k):
+
+- **k = 1.** The newest usable label (a class or a mask), whoever wrote it. State ``single``.
+- **k >= 2 (several readers).** A *read* is a reader's newest usable label of the image (one
+  per reader). Labels by an admin or from an import settle the image outright: the newest of
+  them is the label (state ``settled``). Otherwise the image has a label only once it has k
+  reads:
+  - classes: the class most reads chose (state ``agreed`` when all agree, ``majority`` when
+    not); a tie for the most reads is *disputed* and the image has no label until an admin
+    settles it;
+  - masks: the per-pixel majority of the reads' masks (more than half of the readers mark the
+    pixel), combined where the masks are read (``mask_keys`` lists them; state ``agreed``).
+
+Only these labels train the model and count as labeled for rounds and the learning curve.
+Images with fewer than k reads, or disputed, are **pending**: still being read, or waiting
+for adjudication.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Label, LabelSource, Project, Role, User
+
+State = Literal["single", "settled", "agreed", "majority"]
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Read:
+    """One label row as the rule sees it."""
+
+    label_id: int
+    image_id: int
+    author_id: int | None
+    class_index: int | None
+    mask_key: str | None
+    authoritative: bool  # by an admin or from an import: settles the image
+
+
+@dataclass(frozen=True)
+class CurrentLabel:
+    """An image's label under the rule above."""
+
+    image_id: int
+    class_index: int | None
+    mask_keys: tuple[str, ...]  # one mask as is; several: their per-pixel majority
+    label_ids: tuple[int, ...]  # the labels it rests on
+    state: State
+
+    @property
+    def label_id(self) -> int:
+        """The newest label it rests on."""
+        return max(self.label_ids)
+
+
+@dataclass(frozen=True)
+class Disputed:
+    """An image with its k reads (or more) whose classes tie: it waits for adjudication."""
+
+    image_id: int
+    label_ids: tuple[int, ...]
+    class_indexes: tuple[int, ...]
+
+
+def latest_reads(reads: Sequence[Read]) -> list[Read]:
+    """Each reader's newest read (labels of admins and imports are not reads), oldest first."""
+    per_reader: dict[int | None, Read] = {}
+    for read in sorted(reads, key=lambda r: r.label_id):  # oldest first: the newest wins
+        if not read.authoritative:
+            per_reader[read.author_id] = read
+    return sorted(per_reader.values(), key=lambda r: r.label_id)
+
+
+def _alone(read: Read, state: State) -> CurrentLabel:
+    keys = (read.mask_key,) if read.mask_key else ()
+    return CurrentLabel(read.image_id, read.class_index, keys, (read.label_id,), state)
+
+
+def decide(reads: Sequence[Read], overlap: int) -> CurrentLabel | Disputed | None:
+    """The rule for one image's usable labels (any order); None while still pending."""
+    if not reads:
+        return None
+    ordered = sorted(reads, key=lambda r: r.label_id)
+    if overlap <= 1:
+        return _alone(ordered[-1], "single")
+    settling = [r for r in ordered if r.authoritative]
+    if settling:
+        return _alone(settling[-1], "settled")
+    latest = latest_reads(ordered)
+    if len(latest) < overlap:
+        return None
+    image_id = latest[0].image_id
+    ids = tuple(r.label_id for r in latest)
+    classes = [r.class_index for r in latest if r.class_index is not None]
+    if classes:
+        ranked = Counter(classes).most_common()
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            return Disputed(image_id, ids, tuple(classes))
+        state: State = "agreed" if len(ranked) == 1 else "majority"
+        return CurrentLabel(image_id, ranked[0][0], (), ids, state)
+    keys = tuple(r.mask_key for r in latest if r.mask_key)
+    return CurrentLabel(image_id, None, keys, ids, "agreed")
+
+
+def _reads(
+    session: Session, project_id: int, image_ids: Iterable[int] | None, up_to: int | None
+) -> dict[int, list[Read]]:
+    usable = [
+        Label.project_id == project_id,
+        Label.class_index.is_not(None) | Label.mask_key.is_not(None),
+    ]
+    if up_to is not None:
+        usable.append(Label.id <= up_to)
+    query = (
+        select(
+            Label.id,
+            Label.image_id,
+            Label.author_id,
+            Label.class_index,
+            Label.mask_key,
+            Label.source,
+            User.role,
+        )
+        .outerjoin(User, User.id == Label.author_id)
+        .where(*usable)
+    )
+    chunks: list[list[int] | None]
+    if image_ids is None:
+        chunks = [None]
+    else:
+        wanted = sorted(set(image_ids))
+        chunks = [wanted[i : i + _CHUNK] for i in range(0, len(wanted), _CHUNK)]
+    found: dict[int, list[Read]] = defaultdict(list)
+    for chunk in chunks:
+        stmt = query if chunk is None else query.where(Label.image_id.in_(chunk))
+        for row in session.execute(stmt):
+            authoritative = row.source == LabelSource.import_.value or row.role == Role.admin
+            found[row.image_id].append(
+                Read(
+                    row.id,
+                    row.image_id,
+                    row.author_id,
+                    row.class_index,
+                    row.mask_key,
+                    authoritative,
+                )  # fmt: skip
+            )
+    return found
+
+
+def reads_of_project(
+    session: Session, project_id: int, *, up_to: int | None = None
+) -> dict[int, list[Read]]:
+    """Every usable label of the project by image (the rule's input; ``app.services.agreement``
+    compares the reads)."""
+    return _reads(session, project_id, None, up_to)
+
+
+def current_labels(
+    session: Session,
+    project: Project,
+    *,
+    image_ids: Iterable[int] | None = None,
+    up_to: int | None = None,
+) -> dict[int, CurrentLabel]:
+    """The current label of each of ``image_ids`` (all the project's images when None) that has
+    one, among the labels with id <= ``up_to`` (all when None)."""
+    found = {}
+    for image_id, reads in _reads(session, project.id, image_ids, up_to).items():
+        decided = decide(reads, project.overlap)
+        if isinstance(decided, CurrentLabel):
+            found[image_id] = decided
+    return found
+
+
+def disputed_images(
+    session: Session, project: Project, *, up_to: int | None = None
+) -> list[Disputed]:
+    """The images whose reads tie, by image id: they wait for adjudication."""
+    found = []
+    for _, reads in sorted(_reads(session, project.id, None, up_to).items()):
+        decided = decide(reads, project.overlap)
+        if isinstance(decided, Disputed):
+            found.append(decided)
+    return found
