@@ -29,6 +29,7 @@ ROUTERS = (
     "app.routers.projects",
     "app.routers.members",
     "app.routers.agreement",
+    "app.routers.review",
     "app.routers.images",
     "app.routers.queue",
     "app.routers.labels",

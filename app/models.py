@@ -99,6 +99,8 @@ class LabelSource(enum.StrEnum):
     import_ = "import"
     model = "model"
     label_studio = "label-studio"
+    # A reviewer's settlement of an image's reads (issue 15): like an import, it settles.
+    review = "review"
 
 
 class LeaseState(enum.StrEnum):
@@ -175,6 +177,10 @@ class Project(Base):
     # Self-supervised warm start (issue 12, migration 0006): when set, creating a round queues
     # the project's warm start (once); every later round trains from its backbone.
     warm_start: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Several readers (issue 15, migration 0008): the share of agreed images a reviewer
+    # spot-checks, and the pairwise Dice of masks below which the reads are disputed.
+    review_sample: Mapped[float] = mapped_column(Float, default=0.0)
+    mask_agreement: Mapped[float] = mapped_column(Float, default=0.7)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -192,6 +198,54 @@ class ProjectMember(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(20), default=MemberRole.annotator.value)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReviewState(enum.StrEnum):
+    open = "open"
+    settled = "settled"
+    sent_back = "sent_back"
+
+
+class ReviewItem(Base):
+    """An image a reviewer must look at (migration 0008): its reads disagree (``disputed``),
+    or it was drawn for a spot check (``spot_check``). At most one open item per image. Open
+    items are leased to one reviewer at a time (``leased_by`` until ``lease_expires_at``)."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        Index("ix_review_items_project_state", "project_id", "state", "id"),
+        Index(
+            "uq_review_items_one_open",
+            "image_id",
+            unique=True,
+            sqlite_where=text("state = 'open'"),
+            postgresql_where=text("state = 'open'"),
+        ),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    reason: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), default=ReviewState.open.value)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    leased_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    settled_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    settled_label_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    settled_at: Mapped[datetime | None] = mapped_column()
+
+
+class ReviewSkip(Base):
+    """A reviewer skipped an item: it is not offered to them again."""
+
+    __tablename__ = "review_skips"
+    review_item_id: Mapped[int] = mapped_column(
+        ForeignKey("review_items.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
 
 
 class Image(Base):

@@ -51,6 +51,14 @@ _GROUP_KEY = (
     "of one group. null: no groups."
 )
 _EXCLUDE = "With group_key: no batch holds an image of a group that already has a label."
+Share = Annotated[float, Field(ge=0, le=1)]
+_REVIEW_SAMPLE = (
+    "With overlap >= 2: the share of agreed images drawn for a reviewer's spot check (0: none)."
+)
+_MASK_AGREEMENT = (
+    "With overlap >= 2 (segmentation): reads of an image whose pairwise Dice falls below this "
+    "are disputed and go to the reviewer."
+)
 _WARM_START = (
     "Pretrain the backbone on the pool images (SimCLR, about 10 minutes on a 2-core CPU) when "
     "the first round is created; every later round trains from it."
@@ -84,6 +92,8 @@ class ProjectCreate(BaseModel):
     group_key: GroupKey | None = Field(default=None, description=_GROUP_KEY)
     exclude_labeled_groups: bool = Field(default=False, description=_EXCLUDE)
     warm_start: bool = Field(default=False, description=_WARM_START)
+    review_sample: Share = Field(default=0.0, description=_REVIEW_SAMPLE)
+    mask_agreement: Share = Field(default=0.7, description=_MASK_AGREEMENT)
 
 
 class ProjectUpdate(BaseModel):
@@ -109,6 +119,8 @@ class ProjectUpdate(BaseModel):
     group_key: GroupKey | None = Field(default=None, description=_GROUP_KEY)
     exclude_labeled_groups: bool | None = Field(default=None, description=_EXCLUDE)
     warm_start: bool | None = Field(default=None, description=_WARM_START)
+    review_sample: Share | None = Field(default=None, description=_REVIEW_SAMPLE)
+    mask_agreement: Share | None = Field(default=None, description=_MASK_AGREEMENT)
 
 
 class ProjectOut(BaseModel):
@@ -133,6 +145,8 @@ class ProjectOut(BaseModel):
     group_key: str | None
     exclude_labeled_groups: bool
     warm_start: bool
+    review_sample: float
+    mask_agreement: float
     created_at: datetime
 
 

@@ -6,8 +6,9 @@ project wants (``overlap``, k):
 - **k = 1.** The newest usable label (a class or a mask), whoever wrote it. State ``single``.
 - **k >= 2 (several readers).** A *read* is a reader's newest usable label of the image (one
   per reader). Labels by an admin or from an import settle the image outright: the newest of
-  them is the label (state ``settled``). Otherwise the image has a label only once it has k
-  reads:
+  them is the label (state ``settled``); so does a reviewer's (source ``review``). Otherwise
+  the image has a label only once it has k reads, and none while a review item holds it as
+  disputed (``app.services.review``):
   - classes: the class most reads chose (state ``agreed`` when all agree, ``majority`` when
     not); a tie for the most reads is *disputed* and the image has no label until an admin
     settles it;
@@ -29,9 +30,11 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Label, LabelSource, Project, Role, User
+from app.models import Label, LabelSource, Project, ReviewItem, ReviewState, Role, User
 
 State = Literal["single", "settled", "agreed", "majority"]
+# Sources whose labels settle an image outright (as do an admin's).
+_SETTLING = frozenset({LabelSource.import_.value, LabelSource.review.value})
 _CHUNK = 500
 
 
@@ -144,7 +147,7 @@ def _reads(
     for chunk in chunks:
         stmt = query if chunk is None else query.where(Label.image_id.in_(chunk))
         for row in session.execute(stmt):
-            authoritative = row.source == LabelSource.import_.value or row.role == Role.admin
+            authoritative = row.source in _SETTLING or row.role == Role.admin
             found[row.image_id].append(
                 Read(
                     row.id,
@@ -156,6 +159,27 @@ def _reads(
                 )  # fmt: skip
             )
     return found
+
+
+def reads_of_images(
+    session: Session, project_id: int, image_ids: Iterable[int]
+) -> dict[int, list[Read]]:
+    """Every usable label of these images, by image."""
+    return _reads(session, project_id, image_ids, None)
+
+
+def disputed_image_ids(session: Session, project_id: int) -> set[int]:
+    """Images with an open ``disputed`` review item (``app.services.review``, e.g. masks whose
+    readers' Dice is too low): they have no label until a reviewer settles them."""
+    return set(
+        session.scalars(
+            select(ReviewItem.image_id).where(
+                ReviewItem.project_id == project_id,
+                ReviewItem.state == ReviewState.open.value,
+                ReviewItem.reason == "disputed",
+            )
+        )
+    )
 
 
 def reads_of_project(
@@ -176,9 +200,12 @@ def current_labels(
     """The current label of each of ``image_ids`` (all the project's images when None) that has
     one, among the labels with id <= ``up_to`` (all when None)."""
     found = {}
+    held = disputed_image_ids(session, project.id) if project.overlap >= 2 else set()
     for image_id, reads in _reads(session, project.id, image_ids, up_to).items():
         decided = decide(reads, project.overlap)
-        if isinstance(decided, CurrentLabel):
+        if isinstance(decided, CurrentLabel) and (
+            image_id not in held or decided.state == "settled"
+        ):
             found[image_id] = decided
     return found
 

@@ -54,6 +54,7 @@ from app.services.masks import (
 )
 from app.services.members import checked_annotator, member_role, reads_filter, sees_all_reads
 from app.services.queue import lock_lease_item, require_project
+from app.services.review import ImageFacts, check_image
 from app.services.rounds import maybe_start_auto_round
 from app.services.webhooks import fan_out
 from app.settings import Settings
@@ -80,6 +81,9 @@ _TARGET = (
         Project.classes,
         Project.require_lease,
         Project.auto_round,
+        Project.overlap,
+        Project.review_sample,
+        Project.mask_agreement,
         # Whether fan_out may have anything to do (most projects have no webhook).
         exists()
         .where(
@@ -166,6 +170,9 @@ class _Target:
     classes: list[Any]
     require_lease: bool
     auto_round: str
+    overlap: int
+    review_sample: float
+    mask_agreement: float
     has_webhooks: bool
     member_role: str | None
 
@@ -270,6 +277,12 @@ def _create_label(
         return _replayed(conn, storage, existing, user, data, mask_png, mask), False, None
     label = Label(id=label_id, **values)  # detached: the row is written, nothing to track
     _count_towards_queue(conn, target.image_id, user, lease, label)
+    if target.overlap >= 2:  # several readers: do the reads now disagree? (the review queue)
+        facts = ImageFacts(
+            target.project_id, target.image_id, target.height, target.width, target.overlap,
+            target.review_sample, target.mask_agreement,
+        )  # fmt: skip
+        check_image(session, storage, facts)
     event = {"label_id": label_id, "image_id": target.image_id, "lease_id": label.lease_id}
     event_id = conn.execute(
         _INSERT_EVENT,
