@@ -18,7 +18,7 @@ from playwright.sync_api import Page, Route, expect
 from sqlalchemy import select
 
 from app.models import Lease, ModelVersion, Role
-from app.synthetic import render_lesion
+from app.synthetic import SYNTHETIC_CLASSES, render_lesion
 from tests.browser.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e
@@ -314,3 +314,85 @@ def test_narrow_screen_layout(
     focused = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert focused == "solid"
     screenshot("annotator-mobile", full_page=True)
+
+
+def _post_label(live: LiveServer, token: str, body: dict[str, Any]) -> None:
+    response = httpx.post(
+        f"{live.url}/labels", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 201, response.text
+
+
+def _square(shape: tuple[int, int], x0: int) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[8:40, x0 : x0 + 32] = True
+    return mask
+
+
+def test_reviewer_sees_the_reads_side_by_side_and_settles(
+    page: Page, live: LiveServer, page_errors: list[str], screenshot: Any
+) -> None:
+    """Two readers' masks disagree (Dice 0.25): the reviewer sees both, one colour each, and
+    keeps the second; a classification tie is settled with a class button."""
+    from app.services.masks import mask_to_rle
+
+    height, width = 48, 96
+    masks = live.project(name="double read", task="segmentation", classes=["lesion"], overlap=2)
+    rng = np.random.default_rng(3)
+    image = live.image(masks, render_lesion(rng, "melanoma", width).image[24:72])
+    classes = live.project(name="double class", overlap=2)
+    tied = live.lesions(classes, 1)[0]
+    readers = [live.user(name=name)[1] for name in ("dr-ana", "dr-ben")]
+    _, reviewer = live.user(Role.reviewer, name="dr-rev")
+    for i, (token, x0) in enumerate(zip(readers, (8, 32), strict=True)):
+        rle = mask_to_rle(_square((height, width), x0))
+        _post_label(live, token, {"image_id": image, "idempotency_key": f"m{i}", "mask_rle": rle})
+        _post_label(live, token, {"image_id": tied, "idempotency_key": f"c{i}", "class_index": i})
+
+    page.goto(f"{live.url}/ui")
+    page.get_by_label("API token").fill(reviewer)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("#project").select_option(label="double read (segmentation)")
+    stage = page.locator("#review-stage")
+    expect(page.get_by_role("tab", name="Review")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name="Annotate")).to_be_hidden()
+    expect(stage).to_have_attribute("data-image-id", str(image))
+    expect(stage).to_have_attribute("data-state", "ready")
+    reads = page.locator("#review-reads li")
+    expect(reads).to_have_count(2)
+    expect(reads.nth(0)).to_contain_text("dr-ana: mask")
+    expect(reads.nth(1)).to_contain_text("dr-ben: mask")
+    # Pixels only ana marked are her colour (red), only ben's green, both: drawn over.
+    colour = (
+        "([x, y]) => Array.from(document.getElementById('review-canvas')"
+        ".getContext('2d').getImageData(x, y, 1, 1).data)"
+    )
+
+    def near(got: list[int], want: tuple[int, int, int]) -> bool:
+        return all(abs(a - b) <= 3 for a, b in zip(got[:3], want, strict=True)) and got[3] > 0
+
+    assert near(page.evaluate(colour, [12, 20]), (0xE6, 0x19, 0x4B))
+    assert near(page.evaluate(colour, [60, 20]), (0x3C, 0xB4, 0x4B))
+    assert page.evaluate(colour, [90, 20])[3] == 0
+    screenshot("reviewer-masks")
+    page.get_by_role("button", name="Keep the read of dr-ben (mask)").click()
+    expect(stage).to_have_attribute("data-state", "empty")
+
+    page.locator("#project").select_option(label="double class (classification)")
+    expect(stage).to_have_attribute("data-image-id", str(tied))
+    expect(stage).to_have_attribute("data-state", "ready")
+    expect(page.locator("#review-reason")).to_contain_text("The readers disagree")
+    page.locator("#review-classes").get_by_role(
+        "button", name=SYNTHETIC_CLASSES[2], exact=True
+    ).click()
+    expect(stage).to_have_attribute("data-state", "empty")
+
+    (settled_mask,) = [
+        label for label in labels_of(live, reviewer, image) if label["source"] == "review"
+    ]
+    got = np.asarray(
+        PILImage.open(io.BytesIO(live.get(reviewer, settled_mask["mask_url"]).content))
+    )
+    assert np.array_equal(got > 0, _square((height, width), 32))
+    (settled_class,) = [x for x in labels_of(live, reviewer, tied) if x["source"] == "review"]
+    assert settled_class["class_index"] == 2

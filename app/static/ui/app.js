@@ -169,7 +169,10 @@
     $("signin").hidden = true;
     $("workspace").hidden = false;
     $("tab-admin").hidden = me.role !== "admin";
-    document.querySelector(".tabs").hidden = me.role !== "admin";
+    $("tab-review").hidden = me.role !== "admin" && me.role !== "reviewer";
+    $("tab-annotate").hidden = me.role === "reviewer";
+    document.querySelector(".tabs").hidden = me.role === "annotator";
+    if (me.role === "reviewer") selectView("review", { focus: false });
     await loadProjects();
   }
 
@@ -236,6 +239,7 @@
     renderProgress();
     updateBanner();
     if (state.view === "admin") await refreshAdmin();
+    else if (state.view === "review") await loadReview();
     else await loadNext();
   }
 
@@ -279,7 +283,7 @@
 
   function selectView(view, { focus = true } = {}) {
     state.view = view;
-    const tabs = { annotate: $("tab-annotate"), admin: $("tab-admin") };
+    const tabs = { annotate: $("tab-annotate"), review: $("tab-review"), admin: $("tab-admin") };
     for (const [name, tab] of Object.entries(tabs)) {
       const selected = name === view;
       tab.setAttribute("aria-selected", String(selected));
@@ -290,14 +294,155 @@
     clearTimeout(state.roundTimer);
     if (!state.project) return;
     if (view === "admin") guarded(refreshAdmin);
+    else if (view === "review") guarded(loadReview);
     else if (!state.entry) guarded(loadNext);
   }
 
   function onTabKey(event) {
     if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
-    if ($("tab-admin").hidden) return;
+    const shown = ["annotate", "review", "admin"].filter((v) => !$(`tab-${v}`).hidden);
+    if (shown.length < 2) return;
     event.preventDefault();
-    selectView(state.view === "annotate" ? "admin" : "annotate");
+    const step = event.key === "ArrowRight" ? 1 : shown.length - 1;
+    selectView(shown[(shown.indexOf(state.view) + step) % shown.length]);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Review: the reads of one image side by side (reviewers and admins)
+
+  const READ_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"];
+
+  async function loadReview() {
+    const p = state.project;
+    if (!p) return;
+    const generation = state.generation;
+    const entries = await api(`/review?project_id=${p.id}&limit=1`);
+    if (generation !== state.generation) return;
+    const entry = entries[0] || null;
+    state.review = entry;
+    $("review-stage").dataset.state = entry ? "loading" : "empty";
+    if (!entry) {
+      $("review-box").hidden = true;
+      $("review-empty").hidden = false;
+      $("review-title").textContent = "Review";
+      $("review-meta").textContent = "";
+      $("review-reason").textContent = "";
+      $("review-reads").replaceChildren();
+      $("review-classes-wrap").hidden = true;
+      $("review-send-back").disabled = true;
+      $("review-skip").disabled = true;
+      return;
+    }
+    const [image, url] = await Promise.all([api(`/images/${entry.image_id}`), fetchObjectUrl(entry.image_url)]);
+    if (generation !== state.generation) {
+      URL.revokeObjectURL(url);
+      return;
+    }
+    const photo = $("review-photo");
+    if (state.reviewUrl) URL.revokeObjectURL(state.reviewUrl);
+    state.reviewUrl = url;
+    photo.src = url;
+    photo.alt = `Image ${image.id} (${image.filename}) under review`;
+    await photo.decode().catch(() => {});
+    $("review-box").hidden = false;
+    sizeStage(image.width, image.height, "review-box");
+    $("review-title").textContent = `Image #${image.id}`;
+    $("review-meta").textContent = `${image.filename} · ${image.width}×${image.height}`;
+    $("review-reason").textContent =
+      entry.reason === "disputed" ? "The readers disagree: keep one read, or settle it yourself." :
+      "Spot check of an agreed image: keep the read you trust.";
+    const segmentation = state.project.task === "segmentation";
+    $("review-reads").replaceChildren(...entry.reads.map((read, i) => readItem(read, i, segmentation)));
+    $("review-classes-wrap").hidden = segmentation;
+    if (!segmentation) {
+      $("review-classes").replaceChildren(...state.project.classes.map((name, index) => {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "btn";
+        button.textContent = name;
+        button.addEventListener("click", () => guarded(() => settleReview({ class_index: index }, name)));
+        return button;
+      }));
+    }
+    await drawReadMasks(entry, image, segmentation, generation);
+    $("review-empty").hidden = true;
+    $("review-box").hidden = false;
+    $("review-send-back").disabled = false;
+    $("review-skip").disabled = false;
+    $("review-stage").dataset.imageId = String(image.id);
+    $("review-stage").dataset.state = "ready";
+    announce(`Image ${image.id}: ${entry.reads.length} reads to review.`);
+  }
+
+  function readItem(read, i, segmentation) {
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = READ_COLOURS[i % READ_COLOURS.length];
+    swatch.setAttribute("aria-hidden", "true");
+    const text = document.createElement("span");
+    const what = segmentation ? "mask" : read.class_name ?? "–";
+    text.textContent = `${read.author_name ?? "reader"}: ${what}`;
+    const keep = document.createElement("button");
+    keep.type = "button";
+    keep.className = "btn small";
+    keep.textContent = "Keep this read";
+    keep.setAttribute("aria-label", `Keep the read of ${read.author_name ?? "this reader"} (${what})`);
+    keep.addEventListener("click", () => guarded(() => settleReview({ label_id: read.label_id }, what)));
+    li.append(swatch, text, keep);
+    return li;
+  }
+
+  async function drawReadMasks(entry, image, segmentation, generation) {
+    const canvas = $("review-canvas");
+    canvas.hidden = !segmentation;
+    if (!segmentation) return;
+    canvas.width = image.width;
+    canvas.height = image.height;
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    for (const [i, read] of entry.reads.entries()) {
+      if (!read.mask_url) continue;
+      const url = await fetchObjectUrl(read.mask_url);
+      if (generation !== state.generation) return URL.revokeObjectURL(url);
+      const mask = new Image();
+      mask.src = url;
+      await mask.decode().catch(() => {});
+      // The mask (white on black) tinted with the reader's colour, half transparent.
+      const layer = document.createElement("canvas");
+      layer.width = canvas.width;
+      layer.height = canvas.height;
+      const lctx = layer.getContext("2d");
+      lctx.drawImage(mask, 0, 0, layer.width, layer.height);
+      const pixels = lctx.getImageData(0, 0, layer.width, layer.height);
+      const [r, g, b] = READ_COLOURS[i % READ_COLOURS.length].match(/\w\w/g).map((h) => parseInt(h, 16));
+      for (let k = 0; k < pixels.data.length; k += 4) {
+        const on = pixels.data[k] > 127;
+        pixels.data[k] = r;
+        pixels.data[k + 1] = g;
+        pixels.data[k + 2] = b;
+        pixels.data[k + 3] = on ? 110 : 0;
+      }
+      lctx.putImageData(pixels, 0, 0);
+      ctx.drawImage(layer, 0, 0);
+      URL.revokeObjectURL(url);
+    }
+  }
+
+  async function settleReview(body, describe) {
+    const entry = state.review;
+    if (!entry) return;
+    await api(`/review/${entry.id}/settle`, { method: "POST", json: body });
+    announce(body.send_back ? `Image ${entry.image_id} sent back for another read.` : `Image ${entry.image_id} settled: ${describe}.`);
+    await loadReview();
+  }
+
+  async function skipReview() {
+    const entry = state.review;
+    if (!entry) return;
+    await api(`/review/${entry.id}/skip`, { method: "POST" });
+    announce(`Image ${entry.image_id} skipped.`);
+    await loadReview();
   }
 
   // ---------------------------------------------------------------------------------------
@@ -394,8 +539,8 @@
     announce(`Image ${image.id} ready to label.`);
   }
 
-  function sizeStage(width, height) {
-    const box = $("stage-box");
+  function sizeStage(width, height, boxId = "stage-box") {
+    const box = $(boxId);
     const ratio = width / height;
     box.style.aspectRatio = `${width} / ${height}`;
     // As wide as the column allows, and short enough to keep the tools and the whole image in
@@ -1289,8 +1434,13 @@
     $("project").addEventListener("change", (event) => guarded(() => selectProject(Number(event.target.value))));
     $("tab-annotate").addEventListener("click", () => selectView("annotate"));
     $("tab-admin").addEventListener("click", () => selectView("admin"));
+    $("tab-review").addEventListener("click", () => selectView("review"));
+    $("review-refresh").addEventListener("click", () => guarded(loadReview));
+    $("review-send-back").addEventListener("click", () => guarded(() => settleReview({ send_back: true })));
+    $("review-skip").addEventListener("click", () => guarded(skipReview));
     $("tab-annotate").addEventListener("keydown", onTabKey);
     $("tab-admin").addEventListener("keydown", onTabKey);
+    $("tab-review").addEventListener("keydown", onTabKey);
     $("refresh-queue").addEventListener("click", () => guarded(loadNext));
     $("skip").addEventListener("click", () => skip());
     $("tool-brush").addEventListener("click", () => setTool("brush"));
