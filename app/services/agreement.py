@@ -12,8 +12,9 @@ with two reads or more are compared.
   pairs) and their raw agreement.
 - **Masks.** Dice and IoU of every pair of reads of an image, averaged; per annotator over the
   pairs they are in.
-- **Adjudication rate.** The share of the images with ``overlap`` reads whose reads tie (they
-  go to adjudication), whether or not an admin has settled them since.
+- **Adjudication rate.** The share of the images with ``overlap`` reads whose reads tie, or
+  that the review queue took as disputed (masks under the Dice threshold), whether or not
+  they have been settled since.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Image, Project, TaskKind, User
+from app.models import Image, Project, ReviewItem, TaskKind, User
 from app.services.consensus import Disputed, Read, decide, latest_reads, reads_of_project
 from app.services.masks import Mask, decode_png_mask
 from app.storage import Storage
@@ -97,8 +98,17 @@ def project_agreement(session: Session, storage: Storage, project: Project) -> d
     }
     compared = {i: r for i, r in by_image.items() if len(r) >= 2}
     k = max(2, project.overlap)
-    full = [r for r in compared.values() if len(r) >= k]
-    disputed = sum(isinstance(decide(r, k), Disputed) for r in full)
+    full = {i: r for i, r in compared.items() if len(r) >= k}
+    # Ties between classes, and reads a review item held as disputed (masks under the Dice
+    # threshold), settled since or not.
+    flagged = set(
+        session.scalars(
+            select(ReviewItem.image_id).where(
+                ReviewItem.project_id == project.id, ReviewItem.reason == "disputed"
+            )
+        )
+    )
+    disputed = sum(isinstance(decide(r, k), Disputed) or i in flagged for i, r in full.items())
     per: dict[int | None, _PerReader] = defaultdict(_PerReader)
     for reads in compared.values():
         for read in reads:
