@@ -329,7 +329,8 @@ def _run_annotators(
 
 
 def _check_database(settings: Settings, project_id: int, overlap: int) -> dict[str, int]:
-    """Items leased beyond overlap (active or done leases) and the labels in the database."""
+    """Items leased beyond overlap (active or done leases), images with more than ``overlap``
+    reads, images one annotator read twice, and the labels in the database."""
     engine = make_engine(settings)
     with engine.connect() as conn:
         held = (
@@ -340,8 +341,29 @@ def _check_database(settings: Settings, project_id: int, overlap: int) -> dict[s
         )
         over = conn.scalar(select(func.count()).select_from(held).where(held.c.n > overlap))
         labels = conn.scalar(select(func.count(Label.id)).where(Label.project_id == project_id))
+        per_image = (
+            select(Label.image_id, func.count(Label.id).label("n"))
+            .where(Label.project_id == project_id)
+            .group_by(Label.image_id)
+            .subquery()
+        )
+        over_read = conn.scalar(
+            select(func.count()).select_from(per_image).where(per_image.c.n > overlap)
+        )
+        per_reader = (
+            select(Label.image_id, Label.author_id, func.count(Label.id).label("n"))
+            .where(Label.project_id == project_id)
+            .group_by(Label.image_id, Label.author_id)
+            .subquery()
+        )
+        reread = conn.scalar(select(func.count()).select_from(per_reader).where(per_reader.c.n > 1))
     engine.dispose()
-    return {"double_leases": int(over or 0), "labels_in_db": int(labels or 0)}
+    return {
+        "double_leases": int(over or 0),
+        "images_over_k_reads": int(over_read or 0),
+        "images_read_twice_by_one": int(reread or 0),
+        "labels_in_db": int(labels or 0),
+    }
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -379,6 +401,8 @@ def _report(
         "errors": errors,
         "empty_queue": sum(sample.empty_queue for sample in samples),
         "double_leases": db["double_leases"],
+        "images_over_k_reads": db["images_over_k_reads"],
+        "images_read_twice_by_one": db["images_read_twice_by_one"],
         "labels_lost": posted - db["labels_in_db"],
     }
 
