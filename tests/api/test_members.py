@@ -172,6 +172,8 @@ def _project_routes(s: dict[str, Any], label_id: int) -> list[tuple[str, str, di
         ("GET", f"/models/{s['version'].id}", {}),
         ("GET", f"/predictions/{s['prediction']}/mask", {}),
         ("GET", f"/projects/{pid}/warm-start", {}),
+        ("GET", f"/projects/{pid}/agreement", {}),
+        ("GET", "/review", {"params": {"project_id": pid}}),
         (
             "POST",
             "/labels",
@@ -212,7 +214,7 @@ def test_non_members_get_404_on_every_route_of_the_project(
             response = client.request(method, path, headers=_headers(token), **kwargs)
             assert response.status_code == 404, (method, path, response.text)
     # The same routes answer the admin (the /ls ones and the label post aside: they need more).
-    for method, path, kwargs in _project_routes(seeded, label_id)[:14]:
+    for method, path, kwargs in _project_routes(seeded, label_id)[:16]:
         if path.endswith("/warm-start") or "/predictions/" in path or path.endswith("/file"):
             continue  # no warm start, no stored files for these seeded rows
         response = client.request(method, path, headers=seeded["admin"], **kwargs)
