@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ExportFormat = Literal["ls", "coco", "csv", "masks"]
+# The ``source`` of an exported consensus (several readers): derived, so never imported.
+CONSENSUS = "consensus"
 ImportFormat = Literal["ls", "coco", "csv", "masks"]
 
 CSV_COLUMNS = (
@@ -56,6 +58,7 @@ class LsResult(_Lenient):
 class LsAnnotation(_Lenient):
     result: list[LsResult] = Field(default_factory=list)
     was_cancelled: bool = False
+    coreloop_source: str | None = None
 
 
 class LsTask(_Lenient):
@@ -80,6 +83,7 @@ class CocoCategory(_Lenient):
 class CocoAnnotation(_Lenient):
     image_id: int
     category_id: int
+    coreloop_source: str | None = None
     # A COCO RLE ({"size", "counts"}), polygons ([[x, y, ...], ...]), or nothing (a class).
     segmentation: dict[str, Any] | list[list[float]] | None = None
 

@@ -162,10 +162,11 @@ def _reads(
 
 
 def reads_of_images(
-    session: Session, project_id: int, image_ids: Iterable[int]
+    session: Session, project_id: int, image_ids: Iterable[int], *, up_to: int | None = None
 ) -> dict[int, list[Read]]:
-    """Every usable label of these images, by image."""
-    return _reads(session, project_id, image_ids, None)
+    """Every usable label of these images (with id <= ``up_to``), by image, oldest first."""
+    found = _reads(session, project_id, image_ids, up_to)
+    return {i: sorted(reads, key=lambda r: r.label_id) for i, reads in found.items()}
 
 
 def disputed_image_ids(session: Session, project_id: int) -> set[int]:

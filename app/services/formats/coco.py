@@ -21,10 +21,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import InvalidInput
 from app.models import Image, Label
-from app.schemas.formats import CocoFile
+from app.schemas.formats import CONSENSUS, CocoFile
 from app.schemas.labels import RleMask
 from app.services.formats.importing import ImageRef, IncomingLabel, MaskSource, invalid_file
-from app.services.formats.rows import ProjectSnapshot, iter_rows, read_mask
+from app.services.formats.rows import (
+    Consensus,
+    ProjectSnapshot,
+    consensus_mask,
+    iter_rows,
+    read_mask,
+)
 from app.services.masks import Mask, decode_polygons, decode_rle_mask, mask_to_rle
 from app.storage import Storage
 
@@ -56,6 +62,22 @@ def _annotation(storage: Storage, image: Image, label: Label) -> dict[str, Any]:
         coreloop_source=label.source,
         created_at=label.created_at.isoformat(),
     )
+    return out
+
+
+def _consensus(
+    storage: Storage, snap: ProjectSnapshot, image: Image, consensus: Consensus
+) -> dict[str, Any]:
+    """The readers' consensus (importing skips it); its id follows every label id."""
+    out: dict[str, Any] = {"id": snap.max_label_id + image.id, "image_id": image.id, "iscrowd": 0}
+    if consensus.class_index is not None:
+        out["category_id"] = consensus.class_index + 1
+    else:
+        mask = consensus_mask(storage, consensus, image)
+        out.update(category_id=1, segmentation=mask_to_rle(mask), area=int(mask.sum()),
+                   bbox=bbox_of(mask))  # fmt: skip
+    out.update(coreloop_source=CONSENSUS, coreloop_state=consensus.state,
+               coreloop_reads=list(consensus.label_ids))  # fmt: skip
     return out
 
 
@@ -100,6 +122,9 @@ def export_coco(
         for label in row.labels:
             yield separator + _dump(_annotation(storage, row.image, label))
             separator = b",\n"
+        if row.consensus is not None:
+            yield separator + _dump(_consensus(storage, snap, row.image, row.consensus))
+            separator = b",\n"
     yield b"]}\n"
 
 
@@ -127,6 +152,8 @@ def parse_coco(data: bytes) -> list[IncomingLabel]:
     names = {category.id: category.name for category in coco.categories}
     items: list[IncomingLabel] = []
     for n, annotation in enumerate(coco.annotations):
+        if annotation.coreloop_source == CONSENSUS:
+            continue  # derived from the reads, which are imported themselves
         image = images.get(annotation.image_id)
         if image is None:
             raise invalid_file(

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import lsrle
 from app.errors import InvalidInput
 from app.models import Image, Label, Prediction
-from app.schemas.formats import LsAnnotation, LsResult, LsTask
+from app.schemas.formats import CONSENSUS, LsAnnotation, LsResult, LsTask
 from app.services.formats.importing import (
     ImageRef,
     IncomingLabel,
@@ -32,7 +32,13 @@ from app.services.formats.importing import (
     invalid_file,
     size_mismatch,
 )
-from app.services.formats.rows import ProjectSnapshot, iter_rows, read_mask
+from app.services.formats.rows import (
+    Consensus,
+    ProjectSnapshot,
+    consensus_mask,
+    iter_rows,
+    read_mask,
+)
 from app.services.masks import Mask
 from app.storage import Storage
 
@@ -78,6 +84,24 @@ def _annotation(storage: Storage, snap: ProjectSnapshot, image: Image, label: La
     }
 
 
+def _consensus_annotation(
+    storage: Storage, snap: ProjectSnapshot, image: Image, consensus: Consensus
+) -> Any:
+    """The readers' consensus as Label Studio's ground-truth annotation (importing skips it)."""
+    if consensus.class_index is not None:
+        result = _choice(snap.class_name(consensus.class_index))
+    else:
+        result = _brush(consensus_mask(storage, consensus, image), snap.class_name(0))
+    return {
+        "id": -image.id,
+        "ground_truth": True,
+        "coreloop_source": CONSENSUS,
+        "coreloop_state": consensus.state,
+        "coreloop_reads": list(consensus.label_ids),
+        "result": [{"id": f"coreloop-consensus-{image.id}", **result}],
+    }
+
+
 def _prediction(storage: Storage, snap: ProjectSnapshot, image: Image, p: Prediction) -> Any:
     out: dict[str, Any] = {"model_version": f"model-{p.model_version_id}"}
     if p.class_probs:
@@ -112,7 +136,12 @@ def export_ls(
                 "sha256": image.sha256,
                 "filename": image.filename,
             },
-            "annotations": [_annotation(storage, snap, image, label) for label in row.labels],
+            "annotations": [_annotation(storage, snap, image, label) for label in row.labels]
+            + (
+                [_consensus_annotation(storage, snap, image, row.consensus)]
+                if row.consensus is not None
+                else []
+            ),
             "predictions": [p for p in predictions if p is not None],
         }
         yield separator + json.dumps(task, separators=(",", ":")).encode()
@@ -171,6 +200,8 @@ def parse_ls(data: bytes) -> list[IncomingLabel]:
     for task in tasks:
         ref = _image_ref(task.data)
         for annotation in task.annotations:
+            if annotation.coreloop_source == CONSENSUS:
+                continue  # derived from the reads, which are imported themselves
             if not annotation.was_cancelled and (item := _incoming(ref, annotation)):
                 items.append(item)
     return items

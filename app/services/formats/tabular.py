@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Image, Label
-from app.schemas.formats import CSV_COLUMNS, MANIFEST_COLUMNS
+from app.schemas.formats import CONSENSUS, CSV_COLUMNS, MANIFEST_COLUMNS
 from app.services.formats.importing import ImageRef, IncomingLabel, MaskSource, invalid_file
 from app.services.formats.rows import ProjectSnapshot, iter_rows, read_mask
 from app.services.masks import Mask, decode_png_mask, encode_png_mask
@@ -60,6 +60,10 @@ def export_csv(
                     label.created_at.isoformat(),
                 ]
             )
+        agreed = row.consensus
+        if agreed is not None and agreed.class_index is not None:  # several readers
+            name = snap.class_name(agreed.class_index)
+            yield _csv_line([*_common(row.image), agreed.class_index, name, "", CONSENSUS, ""])
 
 
 class _Sink(io.RawIOBase):
@@ -156,6 +160,8 @@ def parse_csv(data: bytes) -> list[IncomingLabel]:
     rows = _rows(data, "CSV", (_IMAGE_COLUMNS, {"class_name", "class_index"}))
     items: list[IncomingLabel] = []
     for line, row in enumerate(rows, start=2):
+        if (row.get("source") or "").strip() == CONSENSUS:
+            continue  # derived from the reads, which are imported themselves
         where = f"line {line}"
         name = (row.get("class_name") or "").strip() or None
         index = _int_or_none(row.get("class_index"), where)
