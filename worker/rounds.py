@@ -24,7 +24,7 @@ from app.models import RoundStatus
 from app.settings import Settings
 from ml.selection import strategy_names
 from ml.train import TrainingCancelled
-from worker import coldstart, inputs, records
+from worker import coldstart, inputs, records, suspects
 from worker.celery_app import TRANSIENT_ERRORS
 from worker.heartbeat import Heartbeat, RoundStopped
 from worker.inputs import RoundConfigError, RoundEnv, RoundRows
@@ -106,9 +106,18 @@ def _execute(env: RoundEnv, claim: Claim, heartbeat: Heartbeat) -> RoundResult:
     claim = records.record_labeled_count(env.sessions, claim, len(labeled))
     heartbeat.claim = claim
     heartbeat.check()
+    _flag_suspects(env, claim)
     if len(labeled) < MIN_TRAIN_IMAGES:
         return initial_selection(env, claim, rows, len(labeled))
     return learning_round(env, claim, heartbeat, rows, labeled)
+
+
+def _flag_suspects(env: RoundEnv, claim: Claim) -> None:
+    """Send suspect labels to review (worker.suspects); never fails the round."""
+    try:
+        suspects.flag_suspects(env.sessions, claim.project_id, claim.label_snapshot_id)
+    except Exception:
+        log.warning("round %s: the suspect-label check failed", claim.round_id, exc_info=True)
 
 
 def initial_count(pool_size: int, fraction: float) -> int:

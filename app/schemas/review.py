@@ -26,7 +26,10 @@ class ReviewEntry(BaseModel):
     project_id: int
     image_id: int
     image_url: str
-    reason: str = Field(description="'disputed' (the reads disagree) or 'spot_check'.")
+    reason: str = Field(
+        description="'disputed' (the reads disagree), 'suspect' (the model contradicts the "
+        "agreed label) or 'spot_check'."
+    )
     detail: dict[str, Any]
     expires_at: datetime | None = Field(description="The caller's lease ends then.")
     reads: list[ReviewRead]

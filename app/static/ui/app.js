@@ -348,8 +348,10 @@
     sizeStage(image.width, image.height, "review-box");
     $("review-title").textContent = `Image #${image.id}`;
     $("review-meta").textContent = `${image.filename} · ${image.width}×${image.height}`;
+    const predicted = entry.detail && Number.isInteger(entry.detail.predicted) ? state.project.classes[entry.detail.predicted] : null;
     $("review-reason").textContent =
       entry.reason === "disputed" ? "The readers disagree: keep one read, or settle it yourself." :
+      entry.reason === "suspect" ? `The readers agree, but the model says ${predicted} (confidence ${fmt(entry.detail.confidence)}): keep a read or settle it.` :
       "Spot check of an agreed image: keep the read you trust.";
     const segmentation = state.project.task === "segmentation";
     $("review-reads").replaceChildren(...entry.reads.map((read, i) => readItem(read, i, segmentation)));
