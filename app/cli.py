@@ -9,11 +9,13 @@ existing user) print one line and exit with 2; no traceback. Settings come from
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
@@ -237,6 +239,60 @@ def _run_members(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _configure_agreement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("project", help="project name or id")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _run_agreement(args: argparse.Namespace) -> int:
+    from app.db import unit_of_work
+    from app.services.agreement import project_agreement
+    from app.services.projects import find_project
+    from app.storage import Storage
+
+    settings = get_settings()
+    with _database(settings) as sessions, unit_of_work(sessions) as session:
+        project = find_project(session, args.project)
+        figures = project_agreement(session, Storage(settings.files_dir), project)
+    if args.json:
+        print(json.dumps(figures, indent=2, default=str))
+        return EXIT_OK
+    print(format_agreement(figures))
+    return EXIT_OK
+
+
+def format_agreement(figures: dict[str, Any]) -> str:
+    """The agreement figures as the admin view shows them, in plain text."""
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    classes = figures["task"] == "classification"
+    head = [
+        f"project {figures['project_id']} ({figures['task']}), "
+        f"{figures['overlap']} reads per image",
+        f"images compared: {figures['images_compared']}, with all reads: "
+        f"{figures['images_with_all_reads']}",
+        f"adjudication rate: {fmt(figures['adjudication_rate'])}",
+    ]
+    if classes:
+        head.append(f"kappa ({figures['kappa_method']}): {fmt(figures['kappa'])}, raw agreement: "
+                    f"{fmt(figures['agreement'])} over {figures['pairs']} pairs")  # fmt: skip
+        names = ", ".join(figures["classes"])
+        head.append(f"confusion between readers (rows and columns: {names})")
+        head += ["  " + " ".join(f"{n:>5}" for n in row) for row in figures["confusion"]]
+    else:
+        head.append(f"mean Dice: {fmt(figures['mean_dice'])}, mean IoU: {fmt(figures['mean_iou'])} "
+                    f"over {figures['pairs']} pairs")  # fmt: skip
+    score = "kappa" if classes else "mean_dice"
+    head.append(f"{'annotator':<24} {'reads':>6} {'pairs':>6} {score:>9}")
+    head += [
+        f"{str(a['name']):<24} {a['reads']:>6} {a['pairs']:>6} {fmt(a[score]):>9}"
+        for a in figures["annotators"]
+    ]
+    return "\n".join(head)
+
+
 # -- import ------------------------------------------------------------------------------------
 
 
@@ -354,6 +410,11 @@ COMMANDS: dict[str, Command] = {
     "db": Command("database schema commands", _configure_db, _run_db),
     "users": Command("manage users", _configure_users, _run_users),
     "members": Command("manage project members", _configure_members, _run_members),
+    "agreement": Command(
+        "how much a project's readers agree (kappa, Dice, adjudication rate)",
+        _configure_agreement,
+        _run_agreement,
+    ),
     "import": Command("import a folder of images (and labels)", _configure_import, _run_import),
     "bench": Command("benchmarks (needs the ml extra)", _configure_bench, _run_bench),
     "worker": Command("run a Celery worker (coreloop worker -h)", _no_arguments, _run_worker),

@@ -242,3 +242,49 @@ def test_invalid_settings_are_a_friendly_error(
         get_settings.cache_clear()
     err = capsys.readouterr().err
     assert err.startswith("error: invalid settings") and "Traceback" not in err
+
+
+def test_agreement_prints_the_readers_figures(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.models import Label, Project, ProjectMember, User
+    from app.services.projects import find_project
+
+    assert main(["db", "upgrade"]) == 0
+    _make_project("double", ["benign", "malignant"])
+    engine = make_engine(get_settings())
+    try:
+        with unit_of_work(make_sessionmaker(engine)) as session:
+            project = find_project(session, "double")
+            project.overlap = 2
+            users = [User(name=n, role="annotator", token_hash=n * 8) for n in ("ana", "ben")]
+            session.add_all(users)
+            session.flush()
+            session.add_all(ProjectMember(project_id=project.id, user_id=u.id) for u in users)
+            for i, (a, b) in enumerate([(0, 0), (1, 1), (0, 1), (1, 1)]):
+                image = _image_row(session, project, i)
+                for user, cls in zip(users, (a, b), strict=True):
+                    label = Label(project_id=project.id, image_id=image, author_id=user.id,
+                                  class_index=cls, idempotency_key=f"{i}-{user.name}")  # fmt: skip
+                    session.add(label)
+            assert isinstance(project, Project)
+    finally:
+        engine.dispose()
+    capsys.readouterr()
+    assert main(["agreement", "double"]) == 0
+    out = capsys.readouterr().out
+    # By hand: 3 of 4 agree; ana 2/2 per class, ben 1/3: chance 0.5, kappa 0.5.
+    assert "kappa (cohen): 0.500, raw agreement: 0.750 over 4 pairs" in out
+    assert "adjudication rate: 0.250" in out
+    assert main(["agreement", "double", "--json"]) == 0
+    assert '"kappa": 0.5' in capsys.readouterr().out
+
+
+def _image_row(session: Any, project: Any, i: int) -> int:
+    from app.models import Image
+
+    image = Image(project_id=project.id, sha256=f"{i:064x}", storage_key=f"x/{i}.png",
+                  filename=f"{i}.png", content_type="image/png", width=8, height=8)  # fmt: skip
+    session.add(image)
+    session.flush()
+    return int(image.id)
