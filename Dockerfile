@@ -10,6 +10,7 @@ COPY app ./app
 COPY worker ./worker
 COPY ml ./ml
 COPY migrations ./migrations
+COPY coreloop ./coreloop
 
 FROM base AS api
 RUN pip install .

@@ -592,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``coreloop simulate ...``: 0 on success, 2 on a usage or settings error."""
     args = parse_args(argv)
     if args.via_api:
-        # ml/ imports nothing from app/: the HTTP client lives in app.via_api.
+        # ml/ imports nothing from app/: the HTTP client lives in coreloop.via_api.
         print("simulate: --via-api is run by `coreloop simulate --via-api URL ...` "
-              "(app.via_api), not by python -m ml.simulate", file=sys.stderr)  # fmt: skip
+              "(coreloop.via_api), not by python -m ml.simulate", file=sys.stderr)  # fmt: skip
         return 2
     if args.data is None:
         print("simulate: --data DIR is required", file=sys.stderr)

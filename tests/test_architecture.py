@@ -62,6 +62,20 @@ def test_ml_never_imports_app_or_worker() -> None:
     assert offenders == {}
 
 
+def test_app_never_imports_worker_ml_or_the_tools() -> None:
+    """The API stands alone: not even a function of ``app`` imports ``worker``, ``ml`` or the
+    tools around it (``coreloop``: the CLI, the demo), which may import ``app``."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(found)
+        for path in _python_files("app")
+        if (
+            found := _imported_roots(ast.parse(path.read_text(), str(path)))
+            & {"worker", "ml", "coreloop"}
+        )
+    }
+    assert offenders == {}
+
+
 @pytest.mark.parametrize("package", ["app/services", "app/routers"])
 def test_services_and_routers_never_commit(package: str) -> None:
     """The request (or the task) is the unit of work: only ``app.db``/``app.deps`` commit."""
@@ -79,7 +93,7 @@ def test_services_and_routers_never_commit(package: str) -> None:
 
 def test_the_checks_see_real_code() -> None:
     """Guard against the scans above passing vacuously (a moved folder, a wrong root)."""
-    assert _python_files("ml") and _python_files("app", "services")
+    assert _python_files("ml") and _python_files("app", "services") and _python_files("app")
     assert _python_files("app", "routers")
     sample = ast.parse("from app.db import commit\nimport worker.tasks\nsession.commit()\n")
     assert _imported_roots(sample) == {"app", "worker"}

@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import inspect
 
-from app.cli import main
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.main import create_app
 from app.schemas.projects import ProjectCreate
 from app.services.projects import create_project
 from app.settings import get_settings
+from coreloop.cli import main
 from tests.conftest import new_database_url
 
 

@@ -34,7 +34,7 @@ def _run_demo(data_dir: Path, *extra: str, images: int = 90) -> str:
     env = _demo_env(data_dir)
     args = ["--images", str(images), "--epochs", "2", "--image-size", "32", "--budget", "12"]
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", *args, "--port", str(_free_port()), *extra],
+        [sys.executable, "-m", "coreloop.cli", "demo", *args, "--port", str(_free_port()), *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -95,7 +95,7 @@ def test_sigterm_stops_the_api_and_the_worker_as_ctrl_c_does(tmp_path: Path) -> 
     """``timeout``, docker and systemd stop with SIGTERM: no child may be left running."""
     args = ["--images", "30", "--epochs", "1", "--image-size", "32", "--port", str(_free_port())]
     demo = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", *args],
+        [sys.executable, "-m", "coreloop.cli", "demo", *args],
         env=_demo_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
-from app.demo import DemoData, _demo_session, load_demo_data
 from app.settings import Settings, get_settings
+from coreloop.cli import main
+from coreloop.demo import DemoData, _demo_session, load_demo_data
 
 # HAM10000's classes, scaled down ~10x, in the order its metadata file lists them (one class
 # after another: the first rows of the real file are all bkl, then nv, df, mel, ...).

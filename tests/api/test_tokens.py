@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.cli import main
 from app.main import create_app
 from app.models import Role, User, utcnow
 from app.settings import get_settings
+from coreloop.cli import main
 from tests.conftest import new_database_url
 
 Headers = dict[str, str]

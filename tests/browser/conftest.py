@@ -43,7 +43,7 @@ from app.models import (
 from app.security import hash_token, new_token
 from app.settings import Settings
 from app.storage import Storage
-from app.synthetic import SYNTHETIC_CLASSES, render_lesion
+from coreloop.synthetic import SYNTHETIC_CLASSES, render_lesion
 from tests.membership import grant_all
 
 CHROMIUM = "/usr/lib/chromium/chromium"

@@ -18,7 +18,7 @@ from playwright.sync_api import Page, Route, expect
 from sqlalchemy import select
 
 from app.models import Lease, ModelVersion, Role
-from app.synthetic import SYNTHETIC_CLASSES, render_lesion
+from coreloop.synthetic import SYNTHETIC_CLASSES, render_lesion
 from tests.browser.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e

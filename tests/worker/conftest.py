@@ -1,6 +1,6 @@
 """Fixtures of the worker tests: fresh migrated databases with real commits, and tiny projects
-of synthetic lesion images (``app.synthetic``: skin-toned background, one lesion per image whose
-colour and shape depend on its class; not medical data)."""
+of synthetic lesion images (``coreloop.synthetic``: skin-toned background, one lesion per image
+whose colour and shape depend on its class; not medical data)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from app.models import Image, Label, Project, Round, RoundStatus, User
 from app.security import hash_token
 from app.settings import Settings
 from app.storage import Storage
-from app.synthetic import SYNTHETIC_CLASSES, render_lesion
+from coreloop.synthetic import SYNTHETIC_CLASSES, render_lesion
 from tests.conftest import new_database_url
 from worker.embedded import settings_env, start_worker, stop_worker
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main as cli_main
+from coreloop.cli import main as cli_main
 from tests.ml.test_ham10000 import DX, write_ham_layout
 from tests.worker.conftest import Processes, fresh_settings, make_admin
 

@@ -378,7 +378,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_simulate(args: argparse.Namespace) -> int:
     forwarded = list(args.forwarded)
     if any(a == "--via-api" or a.startswith("--via-api=") for a in forwarded):
-        from app.via_api import run as via_api_run
+        from coreloop.via_api import run as via_api_run
         from ml.simulate import parse_args
 
         return via_api_run(parse_args(forwarded))
@@ -394,13 +394,13 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    from app.demo import configure
+    from coreloop.demo import configure
 
     configure(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from app.demo import run
+    from coreloop.demo import run
 
     return run(args)
 

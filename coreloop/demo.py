@@ -161,7 +161,7 @@ def load_demo_data(args: argparse.Namespace, settings: Settings) -> DemoData:
     """``--data DIR`` through the importer's layouts (ham10000, isic, folders), else synthetic
     lesions; a folder the demo cannot use raises :class:`DemoDataUnusable`."""
     if args.data is None:
-        from app.synthetic import write_synthetic_dataset
+        from coreloop.synthetic import write_synthetic_dataset
 
         root = settings.data_dir / "synthetic"
         csv_path = write_synthetic_dataset(root, n_images=args.images, size=96)

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from app.demo import (
+from coreloop.demo import (
     DemoData,
     find_or_create_project,
     oracle_label_batch,
@@ -37,7 +37,7 @@ from app.demo import (
     run_round,
     upload_images,
 )
-from app.demo import _ok as ok
+from coreloop.demo import _ok as ok
 
 PREFIX = "[coreloop simulate --via-api]"
 
