@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,12 +64,35 @@ def _upgrade(settings: Settings) -> None:
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=_positive_int, default=1, help="uvicorn processes")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="API processes (default: one per CPU core this process may use, at most 8)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request (off by default: it costs CPU on the hot path)",
+    )
     parser.add_argument(
         "--no-worker",
         action="store_true",
         help="do not start the embedded Celery worker (scale-out: run `coreloop worker`)",
     )
+
+
+EMBEDDED_WORKER_NICE = 10
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """One API process per CPU core this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -81,12 +105,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     if settings.embedded_worker and not args.no_worker:
         from worker.embedded import start_worker  # imports neither Celery nor torch
 
-        worker = start_worker(settings)
-        _say(f"started the embedded worker (pid {worker.pid})")
+        # Below the API's priority: training takes what the API leaves idle.
+        worker = start_worker(settings, nice=EMBEDDED_WORKER_NICE)
+        _say(f"started the embedded worker (pid {worker.pid}, nice {EMBEDDED_WORKER_NICE})")
+    workers = args.workers or default_workers()
+    _say(f"serving on http://{args.host}:{args.port} with {workers} API process(es)")
     try:
         uvicorn.run(
             "app.main:create_app", factory=True, host=args.host, port=args.port,
-            workers=args.workers,
+            workers=workers, access_log=args.access_log,
         )  # fmt: skip
     finally:
         if worker is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from app.main import create_app
 from app.schemas.projects import ProjectCreate
 from app.services.projects import create_project
 from app.settings import get_settings
-from coreloop.cli import main
+from coreloop.cli import default_workers, main
 from tests.conftest import new_database_url
 
 
@@ -165,8 +166,13 @@ def test_serve_upgrades_then_runs_uvicorn(env: Path, monkeypatch: pytest.MonkeyP
     calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append((a, kw)))
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--no-worker"]) == 0
-    expected = {"factory": True, "host": "0.0.0.0", "port": 8123, "workers": 1}
+    expected = {"factory": True, "host": "0.0.0.0", "port": 8123, "workers": default_workers(),
+                "access_log": False}  # fmt: skip
     assert calls == [(("app.main:create_app",), expected)]
+    assert 1 <= default_workers() <= min(8, os.cpu_count() or 1)
+    assert main(["serve", "--no-worker", "--workers", "3", "--access-log"]) == 0
+    assert calls[-1][1] | {"host": "0.0.0.0", "port": 8123} == {**expected, "workers": 3,
+                                                                 "access_log": True}  # fmt: skip
     engine = make_engine(get_settings())
     try:
         assert "users" in inspect(engine).get_table_names()

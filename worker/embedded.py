@@ -78,11 +78,13 @@ def start_worker(
     exclusive: bool = True,
     log_file: IO[bytes] | None = None,
     extra_env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> subprocess.Popen[bytes]:
     """Start the worker (with beat) as a child process in its own process group.
 
-    ``log_file``: where its stdout/stderr go (default: inherited). The child stops by itself
-    when this process dies (it watches its parent).
+    ``log_file``: where its stdout/stderr go (default: inherited). ``nice``: how much lower
+    than this process its CPU priority is. The child stops by itself when this process dies
+    (it watches its parent).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_broker_dir(settings)
@@ -92,7 +94,7 @@ def start_worker(
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *worker_args()]
     return subprocess.Popen(
-        command,
+        ["nice", "-n", str(nice), *command] if nice else command,
         env=env,
         cwd=Path.cwd(),
         stdout=log_file,
