@@ -1049,7 +1049,8 @@
       api(`/rounds?project_id=${p.id}`),
       api(`/projects/${p.id}/models`),
       api(`/projects/${p.id}/members`),
-      api(`/projects/${p.id}/agreement`),
+      // Agreement compares reads: only projects with several readers have any.
+      p.overlap >= 2 ? api(`/projects/${p.id}/agreement`) : Promise.resolve(null),
     ]);
     if (generation !== state.generation) return;
     state.project = project;
@@ -1346,6 +1347,11 @@
   }
 
   function renderReaders(members, agreement) {
+    agreement = agreement || {
+      task: state.project.task, overlap: state.project.overlap, images_compared: 0, kappa: null,
+      kappa_method: null, agreement: null, mean_dice: null, mean_iou: null,
+      adjudication_rate: null, annotators: [],
+    };
     const classes = agreement.task === "classification";
     const figures = [
       ["Readers per image", agreement.overlap],
