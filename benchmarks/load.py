@@ -54,6 +54,7 @@ from app.models import (
 )
 from app.security import hash_token, new_token
 from app.settings import Settings
+from coreloop.cli import default_workers
 
 PG_SERVER_URL = os.environ.get(
     "CORELOOP_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -186,24 +187,37 @@ def _populate(settings: Settings, args: argparse.Namespace) -> tuple[int, list[s
     return project_id, tokens
 
 
+def _serve_command(port: int) -> list[str]:
+    """``coreloop serve`` as the README starts it: its default processes, no access log, and
+    the embedded worker (idle here)."""
+    return [sys.executable, "-m", "coreloop.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port)]  # fmt: skip
+
+
 @contextmanager
-def _server(env: dict[str, str], port: int, workers: int) -> Iterator[subprocess.Popen[bytes]]:
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+def _server(
+    env: dict[str, str], port: int, workers: int, serve: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
+    command = (
+        _serve_command(port)
+        if serve
+        else [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+    )
     process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         _wait_ready(f"http://127.0.0.1:{port}/health", process)
@@ -391,7 +405,8 @@ def _report(
     return {
         "db": args.db,
         "annotators": args.annotators,
-        "workers": args.workers,
+        "server": "coreloop serve" if args.serve else "uvicorn",
+        "workers": default_workers() if args.serve else args.workers,
         "seconds": round(elapsed, 2),
         "cycles": len(joined("cycle")),
         "cycles_per_s": round(len(joined("cycle")) / elapsed, 1),
@@ -422,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "CORELOOP_ENVIRONMENT": "development",
         }
         port = _free_port()
-        with _server(env, port, args.workers) as server:
+        with _server(env, port, args.workers, serve=args.serve) as server:
             run = _run_annotators(f"http://127.0.0.1:{port}", tokens, project_id, args, server.pid)
         report = _report(
             args, run.samples, run.seconds, _check_database(settings, project_id, args.overlap)
@@ -448,6 +463,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="uvicorn worker processes (default 2; on SQLite too: one writer at a time, but "
         "the HTTP and Python work of a request runs in parallel in the other process)",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="start the server as `coreloop serve` (the README's command: its default "
+        "processes and embedded worker) instead of uvicorn with --workers",
     )
     parser.add_argument("--items", type=int, default=20_000, help="queue items to label")
     parser.add_argument("--overlap", type=int, default=1)
