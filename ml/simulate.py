@@ -143,9 +143,25 @@ class SimulationConfig:
     def fixed_settings(self) -> dict[str, Any]:
         """The settings that define the experiment (JSON-ready)."""
         values = {k: v for k, v in asdict(self).items() if k in FIXED_SETTINGS}
-        values.update(data=str(Path(self.data).resolve()), alpha=self.resolved_alpha)
-        values["masks"] = None if self.masks is None else str(Path(self.masks).resolve())
+        values.update(data=_stored_path(self.data), alpha=self.resolved_alpha)
+        values["masks"] = None if self.masks is None else _stored_path(self.masks)
         return values
+
+
+_PATH_SETTINGS = ("data", "masks")
+
+
+def _stored_path(path: str | Path) -> str:
+    """A data folder as ``run.json`` names it: relative to the working directory (the project
+    root, whose ``../shared/data`` the presets read), so a committed run file names no path of
+    one machine; compared after resolving (:func:`check_run_file`)."""
+    return os.path.relpath(Path(path).resolve())
+
+
+def _same_setting(key: str, saved: Any, now: Any) -> bool:
+    if key in _PATH_SETTINGS and saved is not None and now is not None:
+        return Path(saved).resolve() == Path(now).resolve()  # older run files: absolute
+    return bool(saved == now)
 
 
 def class_recall_cell(classes: Sequence[str], per_class: Sequence[float | None]) -> str:
@@ -254,7 +270,7 @@ def check_run_file(config: SimulationConfig, write: bool = False) -> None:
     settings = config.fixed_settings()
     if path.is_file():
         saved = json.loads(path.read_text())
-        diff = sorted(k for k in settings if saved.get(k) != settings[k])
+        diff = sorted(k for k in settings if not _same_setting(k, saved.get(k), settings[k]))
         if diff:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in diff)
             raise ValueError(

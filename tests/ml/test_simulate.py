@@ -260,3 +260,31 @@ def test_a_cold_start_arm_picks_its_own_initial_set(layout: Path, tmp_path: Path
     bad = ["--data", str(layout), "--out", str(tmp_path / "bad"), "--strategies",
            "random@kmeans", *FAST]  # fmt: skip
     assert simulate.main(bad) == 2
+
+
+def test_run_file_names_data_relative_and_accepts_older_absolute_paths(
+    layout: Path, tmp_path: Path
+) -> None:
+    """run.json names the data folder relative to the working directory (a committed run file
+    names no machine's path) and compares resolved paths, so an older absolute one still fits."""
+    out = tmp_path / "rel"
+    config = simulate.config_from_args(
+        simulate.parse_args(["--data", str(layout), "--out", str(out), *FAST])
+    )
+    simulate.check_run_file(config, write=True)
+    saved = json.loads((out / "run.json").read_text())
+    assert not Path(saved["data"]).is_absolute()
+    assert Path(saved["data"]).resolve() == layout.resolve()
+    simulate.check_run_file(config)  # the same folder: accepted
+    (out / "run.json").write_text(json.dumps({**saved, "data": str(layout.resolve())}))
+    simulate.check_run_file(config)  # an older run file with the absolute path: accepted
+    (out / "run.json").write_text(json.dumps({**saved, "data": str(tmp_path)}))
+    with pytest.raises(ValueError, match="other settings"):
+        simulate.check_run_file(config)
+
+
+def test_committed_run_files_name_no_machine_path() -> None:
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    for path in root.rglob("*run*.json"):
+        values = json.loads(path.read_text())
+        assert not any(str(values.get(k) or "").startswith("/") for k in ("data", "masks")), path
