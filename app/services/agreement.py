@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Image, Project, ReviewItem, TaskKind, User
 from app.services.consensus import Disputed, Read, decide, latest_reads, reads_of_project
-from app.services.masks import Mask, decode_png_mask
+from app.services.masks import dice_iou, read_stored_mask
 from app.storage import Storage
 
 
@@ -66,15 +66,6 @@ def fleiss_kappa(counts: np.ndarray) -> float | None:
     return (observed - expected) / (1.0 - expected)
 
 
-def _dice_iou(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    inter = float(np.logical_and(a, b).sum())
-    total = float(a.sum() + b.sum())
-    union = total - inter
-    if total == 0:  # both empty: perfect agreement
-        return 1.0, 1.0
-    return 2 * inter / total, inter / union
-
-
 @dataclass
 class _PerReader:
     reads: int = 0
@@ -83,11 +74,6 @@ class _PerReader:
     dice: float = 0.0
     iou: float = 0.0
     kappa: float | None = None
-
-
-def _stored(storage: Storage, read: Read, size: tuple[int, int]) -> Mask:
-    assert read.mask_key is not None
-    return decode_png_mask(storage.read_bytes(read.mask_key), size)
 
 
 def project_agreement(session: Session, storage: Storage, project: Project) -> dict[str, Any]:
@@ -209,9 +195,12 @@ def _masks(
     ious: list[float] = []
     for image_id, reads in compared.items():
         masked = [r for r in reads if r.mask_key]
-        loaded = {r.label_id: _stored(storage, r, sizes[image_id]) for r in masked}
+        loaded = {
+            r.label_id: read_stored_mask(storage, r.mask_key, sizes[image_id])  # type: ignore[arg-type]
+            for r in masked
+        }
         for a, b in combinations(masked, 2):
-            dice, iou = _dice_iou(loaded[a.label_id], loaded[b.label_id])
+            dice, iou = dice_iou(loaded[a.label_id], loaded[b.label_id])
             dices.append(dice)
             ious.append(iou)
             for me in (a, b):

@@ -365,3 +365,17 @@ def delete_on_rollback(session: Session, storage: Storage, key: str) -> None:
 
     event.listen(session, "after_commit", _after_commit)
     event.listen(session, "after_transaction_end", _after_transaction_end)
+
+
+def read_stored_mask(storage: Storage, key: str, hw: tuple[int, int]) -> Mask:
+    """A stored mask (a label's or a prediction's) as a bool array [height, width]."""
+    return decode_png_mask(storage.read_bytes(key), hw)
+
+
+def dice_iou(a: Mask, b: Mask) -> tuple[float, float]:
+    """Dice and IoU of two masks; two empty masks agree perfectly (1, 1)."""
+    inter = float(np.logical_and(a, b).sum())
+    total = float(a.sum() + b.sum())
+    if total == 0:
+        return 1.0, 1.0
+    return 2 * inter / total, inter / (total - inter)

@@ -48,7 +48,7 @@ from app.models import (
 )
 from app.schemas.review import ReviewEntry, ReviewRead, ReviewSettle
 from app.services.consensus import Disputed, Read, decide, latest_reads, reads_of_images
-from app.services.masks import Mask, decode_png_mask, decode_rle_mask, store_mask
+from app.services.masks import decode_rle_mask, dice_iou, read_stored_mask, store_mask
 from app.services.members import require_member
 from app.storage import Storage
 
@@ -74,17 +74,10 @@ def _drawn(project_id: int, image_id: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _mask(storage: Storage, key: str, size: tuple[int, int]) -> Mask:
-    return decode_png_mask(storage.read_bytes(key), size)
-
-
 def lowest_dice(storage: Storage, reads: list[Read], size: tuple[int, int]) -> float | None:
     """The lowest Dice between two reads' masks (None with fewer than two masks)."""
-    masks = [_mask(storage, r.mask_key, size) for r in reads if r.mask_key]
-    scores = []
-    for a, b in combinations(masks, 2):
-        total = int(a.sum()) + int(b.sum())
-        scores.append(1.0 if total == 0 else 2.0 * int((a & b).sum()) / total)
+    masks = [read_stored_mask(storage, r.mask_key, size) for r in reads if r.mask_key]
+    scores = [dice_iou(a, b)[0] for a, b in combinations(masks, 2)]
     return min(scores) if scores else None
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Image, Label, ModelVersion, Prediction
 from app.services.consensus import current_labels, latest_reads, reads_of_images
-from app.services.masks import Mask, decode_png_mask
+from app.services.masks import Mask, read_stored_mask
 from app.services.queue import require_project
 from app.storage import Storage
 
@@ -186,7 +186,7 @@ def _predictions_of(
 
 def read_mask(storage: Storage, key: str, image: Image) -> Mask:
     """A stored mask (label or prediction) of ``image`` as a bool array [height, width]."""
-    return decode_png_mask(storage.read_bytes(key), (image.height, image.width))
+    return read_stored_mask(storage, key, (image.height, image.width))
 
 
 def consensus_mask(storage: Storage, consensus: Consensus, image: Image) -> Mask:
