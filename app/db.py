@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -210,6 +210,11 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 AfterCommit = Callable[[], None]
+
+
+def ping(session: Session) -> None:
+    """Ask the database a trivial question (readiness): raises if it does not answer."""
+    session.execute(text("SELECT 1"))
 
 
 def call_after_commit(session: Session, callback: AfterCommit) -> None:

@@ -9,7 +9,8 @@ any amount of data before its 401. :class:`RequestGate` is a pure ASGI middlewar
   the count passes the limit: the rest is never read);
 - checks the caller's credential when the body is first asked for, if the route (by then
   chosen: ``scope["route"]``) needs one (a dependency on :func:`app.deps.current_user`, or
-  Label Studio's :func:`app.routers.labelstudio.ls_caller`), with the same checks and answers
+  Label Studio's :func:`app.integrations.labelstudio.endpoints.ls_caller`), with the same
+  checks and answers
   (401/403 envelope) as the dependency, which runs again later from the warm token cache. A
   refused request has had none of its body read.
 
@@ -40,7 +41,7 @@ BEARER, LABEL_STUDIO = "bearer", "label-studio"
 def _auth_kind(dependant: Dependant) -> str | None:
     """Which credential a route's dependencies ask for (None: none)."""
     from app.deps import current_user
-    from app.routers.labelstudio import ls_caller
+    from app.integrations.labelstudio.endpoints import ls_caller
 
     for dep in dependant.dependencies:
         if dep.call is current_user:
@@ -71,7 +72,7 @@ def route_auth(scope: Scope) -> str | None:
 async def authenticate(request: Request, kind: str) -> None:
     """The route's credential check (``CoreloopError`` when it fails)."""
     from app.deps import bearer_token, refuse_integration, user_for_token
-    from app.routers.labelstudio import ls_caller
+    from app.integrations.labelstudio.endpoints import ls_caller
 
     if kind == BEARER:
         refuse_integration(await user_for_token(request, bearer_token(request)))

@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.gate import RequestGate
+from app.labels.masks import sweep_orphan_files
 from app.middleware import ResponseBasics
 from app.migrate import upgrade
 from app.openapi import install_openapi
-from app.services.masks import sweep_orphan_files
 from app.settings import Settings, get_settings
 from app.storage import Storage
 
@@ -24,23 +24,23 @@ log = logging.getLogger(__name__)
 
 # Router modules, each exposing ``router``; listed here so the surface is visible in one place.
 ROUTERS = (
-    "app.routers.health",
-    "app.routers.users",
-    "app.routers.projects",
-    "app.routers.members",
-    "app.routers.agreement",
-    "app.routers.review",
-    "app.routers.images",
-    "app.routers.queue",
-    "app.routers.labels",
-    "app.routers.rounds",
-    "app.routers.warm_start",
-    "app.routers.models",
-    "app.routers.ui",
-    "app.routers.export",
-    "app.routers.webhooks",
-    "app.routers.activelearning",
-    "app.routers.labelstudio",
+    "app.health.endpoints",
+    "app.users.endpoints",
+    "app.projects.endpoints",
+    "app.members.endpoints",
+    "app.agreement.endpoints",
+    "app.review.endpoints",
+    "app.images.endpoints",
+    "app.queue.endpoints",
+    "app.labels.endpoints",
+    "app.rounds.endpoints",
+    "app.warm_start.endpoints",
+    "app.model_versions.endpoints",
+    "app.ui.endpoints",
+    "app.exports.endpoints",
+    "app.webhooks.endpoints",
+    "app.queue.activelearning",
+    "app.integrations.labelstudio.endpoints",
 )
 
 

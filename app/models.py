@@ -69,7 +69,7 @@ class Role(enum.StrEnum):
     admin = "admin"
     annotator = "annotator"
     # A Label Studio connection's credential: works on /ls/* only, where it may speak for
-    # existing members (app.routers.labelstudio); refused everywhere else.
+    # existing members (app.integrations.labelstudio.endpoints); refused everywhere else.
     integration = "integration"
     # Settles disagreements between readers (issue 15): a member of a project as its reviewer
     # sees every read of it; the role is also a project membership's (MemberRole).
@@ -81,11 +81,6 @@ class MemberRole(enum.StrEnum):
 
     annotator = "annotator"
     reviewer = "reviewer"
-
-
-class TaskKind(enum.StrEnum):
-    classification = "classification"
-    segmentation = "segmentation"
 
 
 class Split(enum.StrEnum):
@@ -454,4 +449,4 @@ class Event(Base):
 
 
 # Tables defined beside these (same Base): imported so Base.metadata (and Alembic) knows them.
-import app.webhook_models  # noqa: E402, F401
+import app.webhooks.models  # noqa: E402, F401

@@ -4,7 +4,7 @@ FastAPI documents a request-validation 422 as its ``HTTPValidationError``; this 
 every error, that one included, in the envelope of :mod:`app.errors`. ``install_openapi``
 rewrites the generated schema so that:
 
-- every operation's client errors (``4XX``) are the :class:`~app.schemas.errors.ErrorEnvelope`,
+- every operation's client errors (``4XX``) are the :class:`~app.error_schemas.ErrorEnvelope`,
   and its 422 (wherever FastAPI declared one) too;
 - an operation that needs a credential declares 401, and 403 where a role can be refused;
 - a body a route parses by hand (``POST /labels``: JSON or multipart) is declared with
@@ -23,8 +23,8 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app.schemas.errors import ErrorEnvelope
-from app.schemas.labels import LabelCreate
+from app.error_schemas import ErrorEnvelope
+from app.labels.schemas import LabelCreate
 
 REF_PREFIX = "#/components/schemas/"
 _ENVELOPE_REF = {"$ref": f"{REF_PREFIX}{ErrorEnvelope.__name__}"}
@@ -89,7 +89,7 @@ def _calls(dependant: Dependant) -> Iterator[Callable[..., Any]]:
 def _auth_errors(dependant: Dependant) -> tuple[str, ...]:
     """The 401/403 a route's credential dependencies can answer."""
     from app.deps import current_user
-    from app.routers.labelstudio import ls_caller, ls_integration
+    from app.integrations.labelstudio.endpoints import ls_caller, ls_integration
 
     calls = set(_calls(dependant))
     if current_user in calls:

@@ -198,7 +198,7 @@ def _print_token(token: str) -> None:
 
 def _run_users(args: argparse.Namespace) -> int:
     from app.db import unit_of_work
-    from app.services.users import create_user, revoke_token, rotate_token
+    from app.users.service import create_user, revoke_token, rotate_token
 
     with _database(get_settings()) as sessions, unit_of_work(sessions) as session:
         if args.users_command == "revoke":
@@ -246,9 +246,9 @@ def _configure_members(parser: argparse.ArgumentParser) -> None:
 
 def _run_members(args: argparse.Namespace) -> int:
     from app.db import unit_of_work
-    from app.services import members
-    from app.services.projects import find_project
-    from app.services.users import get_user
+    from app.members import service as members
+    from app.projects.service import find_project
+    from app.users.service import get_user
 
     with _database(get_settings()) as sessions, unit_of_work(sessions) as session:
         project = find_project(session, args.project)
@@ -272,9 +272,9 @@ def _configure_agreement(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_agreement(args: argparse.Namespace) -> int:
+    from app.agreement.service import project_agreement
     from app.db import unit_of_work
-    from app.services.agreement import project_agreement
-    from app.services.projects import find_project
+    from app.projects.service import find_project
     from app.storage import Storage
 
     settings = get_settings()
@@ -324,7 +324,7 @@ def format_agreement(figures: dict[str, Any]) -> str:
 
 
 def _configure_import(parser: argparse.ArgumentParser) -> None:
-    from app.importer import LAYOUTS
+    from app.images.importer import LAYOUTS
 
     parser.add_argument("--project", required=True, help="project name or id")
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
@@ -346,7 +346,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from app.importer import ImportOptions, import_images
+    from app.images.importer import ImportOptions, import_images
     from app.storage import Storage
 
     settings = get_settings()

@@ -33,7 +33,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.errors import InvalidInput
-from app.importer import HAM10000_CSV, IMAGE_SUFFIXES, ImportEntry, ImportOptions, list_entries
+from app.images.importer import (
+    HAM10000_CSV,
+    IMAGE_SUFFIXES,
+    ImportEntry,
+    ImportOptions,
+    list_entries,
+)
 from app.settings import Settings, get_settings
 
 UPLOAD_BATCH = 50
@@ -289,7 +295,7 @@ def ensure_tokens(settings: Settings) -> dict[str, str]:
     from app.db import make_engine, make_sessionmaker, unit_of_work
     from app.migrate import upgrade
     from app.models import Role
-    from app.services.users import create_user
+    from app.users.service import create_user
 
     engine = make_engine(settings)
     upgrade(engine)

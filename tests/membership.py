@@ -1,6 +1,6 @@
 """Membership for tests of everything but membership itself.
 
-Annotators and reviewers reach only the projects they are members of (``app.services.members``).
+Annotators and reviewers reach only the projects they are members of (``app.members.service``).
 Most tests are about something else, so their fixtures (``make_user``, ``make_project``, the
 browser and Label Studio seeders) make every annotator or reviewer a member of every project,
 as the migration did for the data that existed before membership. ``member=False`` on those

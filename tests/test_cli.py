@@ -16,8 +16,8 @@ from sqlalchemy import inspect
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.main import create_app
-from app.schemas.projects import ProjectCreate
-from app.services.projects import create_project
+from app.projects.schemas import ProjectCreate
+from app.projects.service import create_project
 from app.settings import get_settings
 from coreloop.cli import default_workers, main
 from tests.conftest import new_database_url
@@ -254,7 +254,7 @@ def test_agreement_prints_the_readers_figures(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from app.models import Label, Project, ProjectMember, User
-    from app.services.projects import find_project
+    from app.projects.service import find_project
 
     assert main(["db", "upgrade"]) == 0
     _make_project("double", ["benign", "malignant"])

@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.errors import Conflict
+from app.labels.schemas import LabelCreate
+from app.labels.service import create_label
 from app.migrate import upgrade
 from app.models import Image, Label, Lease, Project, QueueItem, Role, Round, User
-from app.schemas.labels import LabelCreate
-from app.services.labels import create_label
-from app.services.queue import lease_next_items, release_lease
-from app.services.rounds import create_round
+from app.queue.service import lease_next_items, release_lease
+from app.rounds.service import create_round
 from app.settings import Settings
 from app.storage import Storage
 from tests.conftest import new_database_url

@@ -13,9 +13,9 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.importer import ImportFailed, ImportOptions, ImportResult, import_images
+from app.images.importer import ImportFailed, ImportOptions, ImportResult, import_images
 from app.models import Image, Label, Project
-from app.services.projects import ProjectNotFound
+from app.projects.service import ProjectNotFound
 from app.settings import Settings
 from app.storage import Storage
 

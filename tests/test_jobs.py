@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.deps import AdminUser, SessionDep, SettingsDep
 from app.errors import Conflict
 from app.models import Project, Round
-from app.services.rounds import create_round
+from app.rounds.service import create_round
 from app.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own, flushed by these tests

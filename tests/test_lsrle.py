@@ -1,4 +1,5 @@
-"""Label Studio brush RLE (``app.lsrle``) against the published reference, bit for bit.
+"""Label Studio brush RLE (``app.integrations.labelstudio.rle``) against the published
+reference, bit for bit.
 
 ``_ref_encode`` / ``_ref_decode`` are ``label_studio_sdk.converter.brush``'s ``encode_rle`` and
 ``decode_rle`` (SDK 2.1.2) written out here, so this test needs no Label Studio; the interop
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.lsrle import decode_mask, decode_rle, encode_mask, encode_rle
+from app.integrations.labelstudio.rle import decode_mask, decode_rle, encode_mask, encode_rle
 
 
 def _ref_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, unit_of_work
+from app.labels.consensus import current_labels
 from app.models import Image, Label, ModelVersion, Prediction, Project, QueueItem, Round, Split
-from app.services.consensus import current_labels
 from app.settings import Settings
 from app.storage import Storage
 from ml.checkpoint import load_checkpoint
@@ -91,7 +91,7 @@ class ImageRow:
 
 @dataclass(frozen=True)
 class LabelRow:
-    """An image's current label (``app.services.consensus``): a class, or the masks whose
+    """An image's current label (``app.labels.consensus``): a class, or the masks whose
     per-pixel majority is the mask (one mask: itself)."""
 
     image_id: int
@@ -126,7 +126,7 @@ def _images(session: Session, project_id: int, split: Split) -> list[ImageRow]:
 
 def _current_labels(session: Session, project: Project, snapshot: int) -> dict[int, LabelRow]:
     """The current label of each image among label ids <= ``snapshot``: the newest, or with
-    several readers their consensus (``app.services.consensus``, the one rule)."""
+    several readers their consensus (``app.labels.consensus``, the one rule)."""
     found = current_labels(session, project, up_to=snapshot)
     return {i: LabelRow(i, c.class_index, c.mask_keys) for i, c in found.items()}
 

@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 
 from app.db import unit_of_work
 from app.models import RoundStatus, WarmStart, utcnow
-from app.services.webhooks import record_event
 from app.settings import Settings
 from app.storage import Storage
+from app.webhooks.service import record_event
 from worker.reaper import ReapResult
 from worker.records import LostClaim, RoundSignal, Sessions, count_updated, json_safe
 

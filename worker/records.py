@@ -33,8 +33,8 @@ from app.models import (
     RoundStatus,
     utcnow,
 )
-from app.services.webhooks import record_event
 from app.settings import Settings
+from app.webhooks.service import record_event
 
 log = logging.getLogger(__name__)
 

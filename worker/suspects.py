@@ -23,8 +23,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import unit_of_work
-from app.models import Image, Prediction, Project, ReviewItem, Split, TaskKind
-from app.services.consensus import current_labels
+from app.labels.consensus import current_labels
+from app.labels.kinds import kind_of
+from app.models import Image, Prediction, Project, ReviewItem, Split
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def flag_suspects(sessions: sessionmaker[Session], project_id: int, snapshot: in
     many were opened."""
     with unit_of_work(sessions) as session:
         project = session.get_one(Project, project_id)
-        if project.overlap < 2 or project.task != TaskKind.classification.value:
+        if project.overlap < 2 or not kind_of(project.task).takes_class:
             return 0
         pool = set(
             session.scalars(

@@ -38,7 +38,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import make_engine, make_sessionmaker, unit_of_work
 from app.models import Event, utcnow
 from app.netpolicy import AddressRefused, GuardedBackend, check_destination
-from app.services.webhooks import (
+from app.settings import Settings, get_settings
+from app.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookSubscription
+from app.webhooks.service import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
@@ -47,8 +49,6 @@ from app.services.webhooks import (
     send_deliveries,
     sign,
 )
-from app.settings import Settings, get_settings
-from app.webhook_models import DeliveryStatus, WebhookDelivery, WebhookSubscription
 from worker.celery_app import TRANSIENT_ERRORS, app
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sklearn.metrics import cohen_kappa_score
 
+from app.agreement.service import cohen_kappa, fleiss_kappa
+from app.labels.masks import mask_to_rle
 from app.models import Image, Project, Role, User
-from app.services.agreement import cohen_kappa, fleiss_kappa
-from app.services.masks import mask_to_rle
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -1,4 +1,4 @@
-"""The one rule for an image's current label (``app.services.consensus``, issue 15)."""
+"""The one rule for an image's current label (``app.labels.consensus``, issue 15)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.models import Image, Project, Role, User
-from app.services.consensus import (
+from app.labels.consensus import (
     CurrentLabel,
     Disputed,
     Read,
@@ -17,6 +16,10 @@ from app.services.consensus import (
     decide,
     disputed_images,
 )
+from app.labels.kinds import KINDS
+from app.models import Image, Project, Role, User
+
+CLS, SEG = KINDS["classification"], KINDS["segmentation"]
 
 
 def _read(label_id: int, author: int | None, cls: int | None = None, mask: str | None = None,
@@ -25,33 +28,33 @@ def _read(label_id: int, author: int | None, cls: int | None = None, mask: str |
 
 
 def test_one_reader_takes_the_newest_label_whoever_wrote_it() -> None:
-    got = decide([_read(3, 1, 0), _read(5, 2, 1), _read(4, 1, 2)], overlap=1)
+    got = decide([_read(3, 1, 0), _read(5, 2, 1), _read(4, 1, 2)], overlap=1, kind=CLS)
     assert got == CurrentLabel(7, 1, (), (5,), "single")
 
 
 def test_several_readers_wait_for_k_reads_one_per_reader() -> None:
     # Reader 1 twice: still one read; k = 2 needs another reader.
-    assert decide([_read(1, 1, 0), _read(2, 1, 1)], overlap=2) is None
-    got = decide([_read(1, 1, 0), _read(2, 1, 1), _read(3, 2, 1)], overlap=2)
+    assert decide([_read(1, 1, 0), _read(2, 1, 1)], overlap=2, kind=CLS) is None
+    got = decide([_read(1, 1, 0), _read(2, 1, 1), _read(3, 2, 1)], overlap=2, kind=CLS)
     assert got == CurrentLabel(7, 1, (), (2, 3), "agreed")  # reader 1's newest read counts
 
 
 def test_majority_and_ties() -> None:
-    got = decide([_read(1, 1, 0), _read(2, 2, 1), _read(3, 3, 1)], overlap=3)
+    got = decide([_read(1, 1, 0), _read(2, 2, 1), _read(3, 3, 1)], overlap=3, kind=CLS)
     assert isinstance(got, CurrentLabel) and (got.class_index, got.state) == (1, "majority")
-    tie = decide([_read(1, 1, 0), _read(2, 2, 1)], overlap=2)
+    tie = decide([_read(1, 1, 0), _read(2, 2, 1)], overlap=2, kind=CLS)
     assert tie == Disputed(7, (1, 2), (0, 1))
 
 
 def test_an_admin_or_import_label_settles() -> None:
     reads = [_read(1, 1, 0), _read(2, 2, 1), _read(3, None, 2, authoritative=True)]
-    assert decide(reads, overlap=2) == CurrentLabel(7, 2, (), (3,), "settled")
+    assert decide(reads, overlap=2, kind=CLS) == CurrentLabel(7, 2, (), (3,), "settled")
 
 
 def test_masks_are_combined_from_every_read() -> None:
-    got = decide([_read(1, 1, mask="a"), _read(2, 2, mask="b")], overlap=2)
+    got = decide([_read(1, 1, mask="a"), _read(2, 2, mask="b")], overlap=2, kind=SEG)
     assert got == CurrentLabel(7, None, ("a", "b"), (1, 2), "agreed")
-    assert decide([], overlap=2) is None
+    assert decide([], overlap=2, kind=CLS) is None
 
 
 def _label(client: TestClient, token: str, image: Image, key: str, cls: int) -> None:

@@ -16,10 +16,10 @@ from PIL import Image as PILImage
 from pycocotools import mask as mask_util
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.exports import rows
+from app.exports import service as formats
+from app.exports.schemas import CSV_COLUMNS, MANIFEST_COLUMNS
 from app.models import Image, ModelVersion, Prediction, Project, Round
-from app.schemas.formats import CSV_COLUMNS, MANIFEST_COLUMNS
-from app.services import formats
-from app.services.formats import rows
 from app.storage import Storage
 from tests.api.test_formats_roundtrip import H, Headers, W, export, post_label
 

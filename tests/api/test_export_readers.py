@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pycocotools import mask as mask_util
 
+from app.exports.coco import parse_coco
+from app.exports.labelstudio import parse_ls
+from app.exports.tabular import parse_csv
 from app.models import Image, Project, Role, User
-from app.services.formats.coco import parse_coco
-from app.services.formats.labelstudio import parse_ls
-from app.services.formats.tabular import parse_csv
 from tests.api.test_formats_roundtrip import H, W, export, post_label
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.labels.masks import decode_png_mask, mask_to_rle
 from app.models import Image, Label, Project
-from app.services.masks import decode_png_mask, mask_to_rle
 from app.storage import Storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
+from app.labels import masks
+from app.labels.schemas import RleMask
 from app.models import Image, Label, Project
-from app.schemas.labels import RleMask
-from app.services import masks
 from app.storage import Storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -179,8 +179,8 @@ def test_the_mask_is_decoded_before_the_write_transaction_begins(
 ) -> None:
     """Decoding (and encoding the PNG to store) inside the transaction held SQLite's write lock
     for as long as it took."""
-    from app.routers import labels as labels_router
-    from app.services import labels as labels_service
+    from app.labels import endpoints as labels_router
+    from app.labels import service as labels_service
 
     _, image = segmentation
     mask = np.zeros((H, W), bool)
@@ -323,7 +323,7 @@ def test_a_mask_png_bomb_in_a_masks_zip_is_refused(
 ) -> None:
     import zipfile
 
-    from app.services.formats.tabular import MANIFEST
+    from app.exports.tabular import MANIFEST
 
     project, image = segmentation
     buffer = io.BytesIO()
@@ -372,7 +372,7 @@ def test_a_palette_png_mask_is_read_by_its_colours(
 
 
 def test_the_importer_reads_a_palette_png_mask_by_its_colours() -> None:
-    from app.services.images import normalise_mask
+    from app.images.service import normalise_mask
 
     png = normalise_mask("m.png", _palette_png(_drawn(), 3), (W, H), 10_000)
     assert (masks.decode_png_mask(png, (H, W)) == _drawn()).all()

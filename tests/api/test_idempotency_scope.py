@@ -31,7 +31,7 @@ def test_an_annotator_cannot_squat_the_key_of_an_admin_import(
     image = make_image(project)
     _, admin = make_user("admin", Role.admin)
     squatter, annotator = make_user("squatter", Role.annotator)
-    # The key the import derives from the content (app.services.formats.importing).
+    # The key the import derives from the content (app.exports.importing).
     digest = hashlib.sha256(b"class:malignant:None").hexdigest()
     key = f"fmt:{project.id}:{image.id}:0:{digest[:32]}"
     squat = {"image_id": image.id, "idempotency_key": key, "class_name": "benign"}

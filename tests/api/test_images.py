@@ -15,8 +15,8 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.images.service import UploadConflict, prepare_image, store_images
 from app.models import Image, Label, Project
-from app.services.images import UploadConflict, prepare_image, store_images
 from app.settings import Settings
 from app.storage import Storage
 from tests.conftest import png_bytes

@@ -14,15 +14,15 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app.labels.masks import mask_to_rle
+from app.labels.schemas import LabelCreate
+from app.labels.service import create_label
 from app.models import Event, Image, Label, Lease, Project, QueueItem, Role, User, utcnow
-from app.schemas.labels import LabelCreate
-from app.services.labels import create_label
-from app.services.masks import mask_to_rle
 from app.settings import Settings
 from app.storage import Storage
 from tests.api.test_queue import add_items, add_round, get_queue
 
-# pycocotools 2.0.11 on NumPy 2 (app.services.masks silences it outside pytest).
+# pycocotools 2.0.11 on NumPy 2 (app.labels.masks silences it outside pytest).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 Headers = dict[str, str]

@@ -18,7 +18,9 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.lsrle import decode_mask, encode_mask
+from app.integrations.labelstudio.rle import decode_mask, encode_mask
+from app.integrations.labelstudio.schemas import LsLabelConfig
+from app.labels.masks import encode_png_mask
 from app.models import (
     Image,
     Label,
@@ -30,8 +32,6 @@ from app.models import (
     Round,
     User,
 )
-from app.schemas.labelstudio import LsLabelConfig
-from app.services.masks import encode_png_mask
 from app.storage import Storage
 from tests.api.test_queue import add_items, add_round
 

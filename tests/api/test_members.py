@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.labels.masks import mask_to_rle
 from app.models import (
     Image,
     Label,
@@ -27,7 +28,6 @@ from app.models import (
     Role,
     User,
 )
-from app.services.masks import mask_to_rle
 from tests.api.test_queue import add_items, add_round
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.error_schemas import ErrorEnvelope
+from app.labels.schemas import LabelCreate
 from app.main import create_app
 from app.models import Image, Project
-from app.schemas.errors import ErrorEnvelope
-from app.schemas.labels import LabelCreate
 from app.settings import Settings
 from tests.conftest import png_bytes
 

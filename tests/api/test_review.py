@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.labels.consensus import current_labels
+from app.labels.masks import mask_to_rle
 from app.models import Image, Project, QueueItem, ReviewItem, Role, User, utcnow
-from app.services.consensus import current_labels
-from app.services.masks import mask_to_rle
 from tests.api.test_queue import add_items, add_round
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

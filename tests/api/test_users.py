@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Role, User
 from app.security import hash_token
-from app.services.users import UserExists, create_user
+from app.users.service import UserExists, create_user
 
 
 def test_me_returns_the_caller(client: TestClient, annotator_headers: dict[str, str]) -> None:

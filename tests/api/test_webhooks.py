@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.models import Image, Project
-from app.services.webhooks import record_event
 from app.settings import Settings
+from app.webhooks.service import record_event
 
 Headers = dict[str, str]
 URL = "http://127.0.0.1:9/hook"

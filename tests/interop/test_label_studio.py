@@ -21,9 +21,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import unit_of_work
-from app.lsrle import decode_mask, encode_mask
+from app.integrations.labelstudio.rle import decode_mask, encode_mask
+from app.labels.masks import encode_png_mask
 from app.models import Image, ModelVersion, Prediction, Project, QueueItem, Round
-from app.services.masks import encode_png_mask
 from tests.interop.conftest import CoreloopServer, LabelStudioServer, LsDriver, wait_until
 
 pytestmark = [
@@ -268,7 +268,8 @@ def test_segmentation_brush_predictions_and_annotations(
 
 
 def test_rle_matches_label_studio_sdk(ls_driver: LsDriver) -> None:
-    """``app.lsrle`` against the real ``label_studio_sdk.converter.brush``, both ways."""
+    """``app.integrations.labelstudio.rle`` against the real
+    ``label_studio_sdk.converter.brush``, both ways."""
     rng = np.random.default_rng(3)
     masks = [
         _disc(12, 9, 7),

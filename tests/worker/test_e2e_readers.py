@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.services.masks import mask_to_rle
+from app.labels.masks import mask_to_rle
 from tests.worker.conftest import ApiClient, Processes, lesion_png
 from tests.worker.test_e2e import admin_client, deployment_settings
 

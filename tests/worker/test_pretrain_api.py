@@ -19,7 +19,7 @@ Headers = dict[str, str]
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The warm starts sent to the worker (after the commit)."""
-    from app.services import warm_start
+    from app.warm_start import service as warm_start
 
     ids: list[int] = []
     monkeypatch.setattr(warm_start, "send_warm_start", lambda settings, wid: ids.append(wid))

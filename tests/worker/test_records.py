@@ -14,7 +14,7 @@ from app.db import unit_of_work
 from app.models import Event, ModelVersion, Prediction, QueueItem, Round, RoundStatus, utcnow
 from app.settings import Settings
 from app.storage import Storage
-from app.webhook_models import WebhookDelivery, WebhookSubscription
+from app.webhooks.models import WebhookDelivery, WebhookSubscription
 from tests.worker.conftest import add_labels, new_round, read_round, seed_project
 from worker import reaper, records
 from worker.celery_app import make_celery

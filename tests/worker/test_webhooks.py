@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import unit_of_work
 from app.models import Project, utcnow
-from app.services.webhooks import record_event, send_deliveries
 from app.settings import Settings
-from app.webhook_models import WebhookDelivery, WebhookSubscription
+from app.webhooks.models import WebhookDelivery, WebhookSubscription
+from app.webhooks.service import record_event, send_deliveries
 from tests.worker.conftest import free_port
 from worker import webhooks
 from worker.webhooks import Attempt, Outcome, RetryPolicy, claim_attempt, deliver

@@ -1,0 +1,397 @@
+"""The annotation queue: atomic leasing of queue items and the lease lifecycle.
+
+An item may be leased while ``labels_needed`` exceeds its active, unexpired leases; expired
+leases free their slot by themselves (no reaper). Leasing is atomic:
+
+- PostgreSQL: candidate items are locked with ``FOR NO KEY UPDATE SKIP LOCKED`` (concurrent
+  callers take different items instead of waiting), then their leases are counted again in a
+  new statement. The recount matters: under READ COMMITTED the first statement's snapshot may
+  predate a lease committed by the transaction that held the lock a moment ago.
+- SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (``app.db``), one writer at a time.
+
+Every path that adds weight to an item (leasing, renewing, labeling with a lease) locks the
+item row first; the paths that free a slot (release, skip, expiry) need no lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Forbidden, NotFound
+from app.members.service import checked_annotator, require_member
+from app.models import (
+    Image,
+    Label,
+    Lease,
+    LeaseState,
+    ModelVersion,
+    Prediction,
+    Project,
+    ProjectMember,
+    QueueItem,
+    Round,
+    User,
+    UTCDateTime,
+    utcnow,
+)
+from app.queue.schemas import PredictionOut, QueueEntry, Scores
+from app.settings import Settings
+
+_MAX_PASSES = 4  # candidate batches tried before answering with fewer items than asked
+_ACTIVE, _DONE, _SKIPPED = (
+    LeaseState.active.value,
+    LeaseState.done.value,
+    LeaseState.skipped.value,
+)
+
+# Leasing runs on every GET /queue, so its statements are built once, with bound parameters,
+# and read plain rows: building a statement and loading ORM objects cost more than the query.
+_now = bindparam("now", type_=UTCDateTime())
+_user_id = bindparam("user_id", type_=Integer())
+_project_id = bindparam("project_id", type_=Integer())
+_ITEM_COLUMNS = (
+    QueueItem.id,
+    QueueItem.image_id,
+    QueueItem.rank,
+    QueueItem.labels_needed,
+    QueueItem.min_distance,
+    QueueItem.predicted_loss,
+    QueueItem.score,
+    Round.number,
+)
+
+_PROJECT = select(
+    Project.lease_ttl_seconds,
+    select(func.max(ModelVersion.id))
+    .where(ModelVersion.project_id == _project_id)
+    .scalar_subquery(),
+    select(ProjectMember.role)
+    .where(ProjectMember.project_id == _project_id, ProjectMember.user_id == _user_id)
+    .scalar_subquery(),
+).where(Project.id == _project_id)
+
+_HELD = (
+    select(Lease.id, Lease.expires_at, *_ITEM_COLUMNS)
+    .join(QueueItem, QueueItem.id == Lease.queue_item_id)
+    .join(Round, Round.id == QueueItem.round_id)
+    .where(
+        Lease.user_id == _user_id,
+        Lease.state == _ACTIVE,
+        Lease.project_id == _project_id,
+        Lease.expires_at > _now,
+    )
+    .order_by(QueueItem.round_id, QueueItem.rank)
+    .limit(bindparam("limit"))
+)
+
+# Items that look free in this statement's snapshot, in queue order, locked. Round ids grow
+# with round numbers, so (round_id, rank) is the queue order; the partial index
+# ix_queue_items_open (migration 0003) holds only the items still open.
+_CANDIDATES = (
+    select(*_ITEM_COLUMNS)
+    .join(Round, Round.id == QueueItem.round_id)
+    .where(
+        QueueItem.project_id == _project_id,
+        # A literal, not a parameter, so that the planner may use ix_queue_items_open.
+        QueueItem.labels_needed > literal_column("0"),
+        QueueItem.labels_needed
+        > select(func.count(Lease.id))
+        .where(Lease.queue_item_id == QueueItem.id, Lease.state == _ACTIVE, Lease.expires_at > _now)
+        .scalar_subquery(),
+        ~exists().where(  # held, answered or skipped by the caller
+            Lease.queue_item_id == QueueItem.id,
+            Lease.user_id == _user_id,
+            or_(
+                Lease.state.in_((_DONE, _SKIPPED)),
+                and_(Lease.state == _ACTIVE, Lease.expires_at > _now),
+            ),
+        ),
+        ~exists().where(Label.image_id == QueueItem.image_id, Label.author_id == _user_id),
+        QueueItem.id.not_in(bindparam("seen", expanding=True)),
+    )
+    .order_by(QueueItem.round_id, QueueItem.rank)
+    .limit(bindparam("n"))
+    .with_for_update(skip_locked=True, key_share=True, of=QueueItem)
+)
+
+_RECOUNT = select(Lease.queue_item_id, Lease.user_id, Lease.state).where(
+    Lease.queue_item_id.in_(bindparam("item_ids", expanding=True)),
+    or_(
+        and_(Lease.state == _ACTIVE, Lease.expires_at > _now),
+        and_(Lease.user_id == _user_id, Lease.state.in_((_DONE, _SKIPPED))),
+    ),
+)
+
+_leases = cast(Table, Lease.__table__)
+_INSERT_LEASES = insert(_leases).returning(_leases.c.id, sort_by_parameter_order=True)
+
+_PREDICTIONS = select(
+    Prediction.image_id, Prediction.id, Prediction.class_probs, Prediction.mask_key
+).where(
+    Prediction.model_version_id == bindparam("model_version_id"),
+    Prediction.image_id.in_(bindparam("image_ids", expanding=True)),
+)
+
+_LOCK_ITEM_OF_LEASE = (
+    select(QueueItem.id)
+    .where(
+        QueueItem.id
+        == select(Lease.queue_item_id).where(Lease.id == bindparam("lease_id")).scalar_subquery()
+    )
+    .with_for_update(key_share=True)
+)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A queue item as leasing sees it (the columns of ``_ITEM_COLUMNS``)."""
+
+    id: int
+    image_id: int
+    rank: int
+    labels_needed: int
+    min_distance: float | None
+    predicted_loss: float | None
+    score: float | None
+    round_number: int
+
+
+@dataclass(frozen=True)
+class _Leased:
+    lease_id: int
+    expires_at: datetime
+    item: _Item
+
+
+def require_project(session: Session, project_id: int) -> Project:
+    project = session.get(Project, project_id)
+    if project is None:
+        raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
+    return project
+
+
+def lock_lease_item(session: Session, lease_id: int) -> None:
+    """Wait for and lock the queue item of lease ``lease_id``.
+
+    PostgreSQL row lock; on SQLite the transaction already holds the database's write lock
+    (taken here, by starting the transaction), so there is nothing to run.
+    Read the lease itself after this: its state and expiry are then current.
+    """
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        conn.execute(_LOCK_ITEM_OF_LEASE, {"lease_id": lease_id})
+
+
+def lease_next_items(
+    session: Session, settings: Settings, user: User, project_id: int, limit: int
+) -> list[QueueEntry]:
+    """The caller's active leases, then new leases in (round, rank) order, ``limit`` in all."""
+    conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
+    project = conn.execute(_PROJECT, {"project_id": project_id, "user_id": user.id}).first()
+    if project is None:
+        raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
+    ttl, model_version_id, member_role = project
+    checked_annotator(user, project_id, member_role)
+    limit = max(1, min(limit, settings.queue_max_limit))
+    params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
+    held = [
+        _Leased(lease_id, expires_at, _Item(*item))
+        for lease_id, expires_at, *item in conn.execute(_HELD, {**params, "limit": limit})
+    ]
+    wanted = limit - len(held)
+    new = _lease_new_items(conn, params, ttl, wanted) if wanted > 0 else []
+    leased = held + new
+    predictions = _predictions(conn, model_version_id, [e.item.image_id for e in leased])
+    return [_entry(entry, predictions.get(entry.item.image_id)) for entry in leased]
+
+
+def _still_free(conn: Connection, items: list[_Item], params: dict[str, Any]) -> list[_Item]:
+    """The locked items that, counted again now, have a free slot and are not the caller's.
+
+    Needed on PostgreSQL only: under READ COMMITTED the candidates' snapshot may predate a
+    lease committed by the transaction that held an item's lock a moment ago. A SQLite
+    transaction holds the database's write lock from its first statement.
+    """
+    if conn.dialect.name == "sqlite":
+        return items
+    rows = conn.execute(_RECOUNT, {**params, "item_ids": [item.id for item in items]}).all()
+    active = Counter(item_id for item_id, _, state in rows if state == _ACTIVE)
+    callers = {item_id for item_id, user_id, _ in rows if user_id == params["user_id"]}
+    return [
+        item for item in items if item.labels_needed > active[item.id] and item.id not in callers
+    ]
+
+
+def _lease_new_items(
+    conn: Connection, params: dict[str, Any], ttl: int, wanted: int
+) -> list[_Leased]:
+    """Lease up to ``wanted`` new items (``params``: project_id, user_id, now)."""
+    chosen: list[_Item] = []
+    seen: list[int] = []
+    for _ in range(_MAX_PASSES):
+        missing = wanted - len(chosen)
+        rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
+        candidates = [_Item(*row) for row in rows]
+        if not candidates:
+            break
+        seen += [item.id for item in candidates]
+        chosen += _still_free(conn, candidates, params)[:missing]
+        if len(chosen) >= wanted:
+            break
+    if not chosen:
+        return []
+    now = params["now"]
+    expires_at = now + timedelta(seconds=ttl)
+    values = [
+        {
+            "queue_item_id": item.id,
+            "project_id": params["project_id"],
+            "image_id": item.image_id,
+            "user_id": params["user_id"],
+            "state": _ACTIVE,
+            "expires_at": expires_at,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for item in chosen
+    ]
+    ids = conn.execute(_INSERT_LEASES, values).scalars().all()
+    return [_Leased(lease_id, expires_at, item) for lease_id, item in zip(ids, chosen, strict=True)]
+
+
+def _predictions(
+    conn: Connection, model_version_id: int | None, image_ids: list[int]
+) -> dict[int, PredictionOut]:
+    """The model version's predictions for ``image_ids`` (none before the first model)."""
+    if model_version_id is None or not image_ids:
+        return {}
+    params = {"model_version_id": model_version_id, "image_ids": image_ids}
+    return {
+        image_id: PredictionOut(
+            model_version_id=model_version_id,
+            class_probs=probs,
+            mask_url=f"/predictions/{prediction_id}/mask" if mask_key else None,
+        )
+        for image_id, prediction_id, probs, mask_key in conn.execute(_PREDICTIONS, params)
+    }
+
+
+def _entry(leased: _Leased, prediction: PredictionOut | None) -> QueueEntry:
+    item = leased.item
+    return QueueEntry(
+        lease_id=leased.lease_id,
+        queue_item_id=item.id,
+        image_id=item.image_id,
+        image_url=f"/images/{item.image_id}/file",
+        round=item.round_number,
+        rank=item.rank,
+        scores=Scores(
+            min_distance=item.min_distance, predicted_loss=item.predicted_loss, score=item.score
+        ),
+        expires_at=leased.expires_at,
+        prediction=prediction,
+    )
+
+
+def _own_lease(session: Session, user: User, lease_id: int) -> Lease:
+    lease = session.get(Lease, lease_id, populate_existing=True)
+    if lease is None:
+        raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")
+    if lease.user_id != user.id:
+        raise Forbidden(f"Lease {lease_id} belongs to another annotator.", code="LeaseNotYours")
+    require_member(session, user, lease.project_id)  # a removed member's leases are over
+    return lease
+
+
+def _not_active(lease: Lease) -> Conflict:
+    return Conflict(
+        f"Lease {lease.id} is {lease.state}, not active; fetch new items from GET /queue.",
+        code="LeaseNotActive",
+    )
+
+
+def renew_lease(session: Session, user: User, lease_id: int) -> Lease:
+    """Extend an active, unexpired lease by the project's TTL from now."""
+    lock_lease_item(session, lease_id)
+    lease = _own_lease(session, user, lease_id)
+    now = utcnow()
+    if lease.state != LeaseState.active.value:
+        raise _not_active(lease)
+    if lease.expires_at <= now:
+        raise Conflict(
+            f"Lease {lease.id} expired at {lease.expires_at.isoformat()}; "
+            "fetch the item again from GET /queue.",
+            code="LeaseExpired",
+        )
+    project = require_project(session, lease.project_id)
+    lease.expires_at = now + timedelta(seconds=project.lease_ttl_seconds)
+    lease.updated_at = now
+    session.flush()
+    return lease
+
+
+def release_lease(session: Session, user: User, lease_id: int) -> Lease:
+    """Give the item back (it may be offered to the caller again). Idempotent."""
+    return _end_lease(session, user, lease_id, LeaseState.released, (LeaseState.active,))
+
+
+def skip_lease(session: Session, user: User, lease_id: int) -> Lease:
+    """Give the item back and never offer it to the caller again. Idempotent."""
+    allowed = (LeaseState.active, LeaseState.released)
+    return _end_lease(session, user, lease_id, LeaseState.skipped, allowed)
+
+
+def _end_lease(
+    session: Session,
+    user: User,
+    lease_id: int,
+    target: LeaseState,
+    allowed_from: tuple[LeaseState, ...],
+) -> Lease:
+    """Move the lease to ``target`` with a conditional UPDATE (a concurrent label wins)."""
+    lease = _own_lease(session, user, lease_id)
+    if lease.state == target.value:
+        return lease
+    changed = session.execute(
+        update(Lease)
+        .where(Lease.id == lease.id, Lease.state.in_([state.value for state in allowed_from]))
+        .values(state=target.value, updated_at=utcnow())
+        .returning(Lease.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    session.refresh(lease)
+    if changed is None and lease.state != target.value:
+        raise _not_active(lease)
+    return lease
+
+
+def prediction_mask_key(session: Session, user: User, prediction_id: int) -> str:
+    """The stored mask of a prediction, for a member of its project."""
+    prediction = session.get(Prediction, prediction_id)
+    if prediction is None or prediction.mask_key is None:
+        raise NotFound(
+            f"Prediction {prediction_id} does not exist or has no mask.",
+            code="PredictionNotFound",
+        )
+    project_id = session.scalar(select(Image.project_id).where(Image.id == prediction.image_id))
+    require_member(session, user, project_id or 0)
+    return prediction.mask_key
