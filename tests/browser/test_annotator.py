@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from playwright.sync_api import Page, Route, expect
 from sqlalchemy import select
 
-from app.models import Lease, ModelVersion, Role
+from app.models import Lease, ModelVersion, ReviewItem, Role
 from coreloop.synthetic import SYNTHETIC_CLASSES, render_lesion
 from tests.browser.conftest import LiveServer
 
@@ -161,9 +161,14 @@ def distance_to_path(shape: tuple[int, int], path: list[tuple[float, float]]) ->
     return best
 
 
-def drag(page: Page, path: list[tuple[float, float]], size: tuple[int, int]) -> None:
-    """Drag the mouse over the mask canvas through image-pixel points (x, y)."""
-    box = page.locator("#mask-canvas").bounding_box()
+def drag(
+    page: Page,
+    path: list[tuple[float, float]],
+    size: tuple[int, int],
+    canvas: str = "#mask-canvas",
+) -> None:
+    """Drag the mouse over a mask canvas through image-pixel points (x, y)."""
+    box = page.locator(canvas).bounding_box()
     assert box is not None
     width, height = size
 
@@ -334,7 +339,7 @@ def test_reviewer_sees_the_reads_side_by_side_and_settles(
 ) -> None:
     """Two readers' masks disagree (Dice 0.25): the reviewer sees both, one colour each, and
     keeps the second; a classification tie is settled with a class button."""
-    from app.services.masks import mask_to_rle
+    from app.labels.masks import mask_to_rle
 
     height, width = 48, 96
     masks = live.project(name="double read", task="segmentation", classes=["lesion"], overlap=2)
@@ -396,3 +401,117 @@ def test_reviewer_sees_the_reads_side_by_side_and_settles(
     assert np.array_equal(got > 0, _square((height, width), 32))
     (settled_class,) = [x for x in labels_of(live, reviewer, tied) if x["source"] == "review"]
     assert settled_class["class_index"] == 2
+
+
+def _decode_counts(rle: dict[str, Any]) -> np.ndarray:
+    """COCO's uncompressed RLE by its definition: alternate runs of 0s and 1s (0s first) over
+    the pixels in column-major order."""
+    height, width = rle["size"]
+    flat = np.zeros(height * width, dtype=bool)
+    at = 0
+    for k, run in enumerate(rle["counts"]):
+        flat[at : at + run] = k % 2 == 1
+        at += run
+    assert at == height * width
+    return flat.reshape(width, height).T
+
+
+def test_reviewer_edits_a_read_and_settles_with_the_mask(
+    page: Page, live: LiveServer, page_errors: list[str], screenshot: Any
+) -> None:
+    """Two readers' masks disagree: the reviewer opens one read in the editor, cancels, opens
+    the other, paints, undoes, erases, and settles with the edited mask (sent as uncompressed
+    COCO RLE); the settled label holds exactly that mask."""
+    from app.labels.masks import mask_to_rle
+
+    height, width = 48, 96  # not square: a row-major RLE would scramble the mask
+    project = live.project(name="edit reads", task="segmentation", classes=["lesion"], overlap=2)
+    rng = np.random.default_rng(5)
+    image = live.image(project, render_lesion(rng, "melanoma", width).image[24:72])
+    readers = [live.user(name=name)[1] for name in ("dr-ana", "dr-ben")]
+    _, reviewer = live.user(Role.reviewer, name="dr-rev")
+    for i, (token, x0) in enumerate(zip(readers, (8, 32), strict=True)):
+        rle = mask_to_rle(_square((height, width), x0))
+        _post_label(live, token, {"image_id": image, "idempotency_key": f"m{i}", "mask_rle": rle})
+    ana = _square((height, width), 8)
+
+    sign_in(page, live, reviewer)
+    stage = page.locator("#review-stage")
+    expect(stage).to_have_attribute("data-image-id", str(image))
+    expect(stage).to_have_attribute("data-state", "ready")
+    coverage = page.locator("#review-mask-coverage")
+    reads = {x["author_name"]: x["id"] for x in live.get(reviewer, f"/images/{image}/labels")}
+    ana_read, ben_read = reads["dr-ana"], reads["dr-ben"]
+
+    # Open ben's read, paint, and cancel: back to the reads side by side, nothing sent.
+    ben_edit = page.get_by_role("button", name="Edit the read of dr-ben (mask)")
+    ben_edit.click()
+    expect(stage).to_have_attribute("data-editing", str(ben_read))
+    expect(page.locator("#review-edit")).to_be_visible()
+    expect(page.locator("#review-reads")).to_be_hidden()
+    expect(page.locator("#review-edit-source")).to_contain_text("the read of dr-ben")
+    expect(page.locator("#announcer")).to_contain_text("Editing the read of dr-ben")
+    expect(page.get_by_role("button", name="Brush")).to_be_focused()
+    expect(coverage).to_contain_text("(1024 pixels)")
+    drag(page, [(70.0, 20.0), (90.0, 20.0)], (width, height), "#review-edit-canvas")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#review-edit")).to_be_hidden()
+    expect(page.locator("#review-reads li")).to_have_count(2)
+    expect(page.locator("#review-canvas")).to_be_visible()
+    expect(ben_edit).to_be_focused()
+    expect(page.locator("#announcer")).to_contain_text("Edit cancelled")
+
+    # Ana's read: a stroke undone, a brush stroke below the squares, an eraser cut through hers.
+    page.get_by_role("button", name="Edit the read of dr-ana (mask)").click()
+    expect(stage).to_have_attribute("data-editing", str(ana_read))
+    expect(coverage).to_contain_text("(1024 pixels)")  # starts from her mask, not ben's edit
+    radius = 4
+    page.keyboard.press("]")  # the default for 96x48 is 2 (min side / 24)
+    page.keyboard.press("]")
+    expect(page.locator("#review-brush-size-out")).to_have_text(str(radius))
+    drag(page, [(70.0, 20.0), (90.0, 20.0)], (width, height), "#review-edit-canvas")
+    expect(coverage).not_to_contain_text("(1024 pixels)")
+    page.get_by_role("button", name="Undo").click()
+    expect(coverage).to_contain_text("(1024 pixels)")
+    painted_path = [(66.0, 42.0), (90.0, 42.0)]
+    erased = [(20.0, 4.0), (20.0, 44.0)]
+    drag(page, painted_path, (width, height), "#review-edit-canvas")
+    page.keyboard.press("e")
+    expect(page.get_by_role("button", name="Eraser")).to_have_attribute("aria-pressed", "true")
+    drag(page, erased, (width, height), "#review-edit-canvas")
+    page.mouse.move(10, 10)  # the brush cursor off the canvas for the screenshot
+    screenshot("reviewer-edit")
+    shown = int(re.search(r"\((\d+) pixels\)", coverage.inner_text()).group(1))  # type: ignore[union-attr]
+
+    with page.expect_request(lambda r: r.url.endswith("/settle") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Settle with this mask").click()
+    expect(stage).to_have_attribute("data-state", "empty")
+    expect(page.get_by_role("button", name="Check again")).to_be_focused()
+    body: dict[str, Any] = sent.value.post_data_json or {}
+    assert set(body) == {"mask_rle"} and body["mask_rle"]["size"] == [height, width]
+    assert all(isinstance(n, int) and n >= 0 for n in body["mask_rle"]["counts"])
+
+    (settled,) = [x for x in labels_of(live, reviewer, image) if x["source"] == "review"]
+    with live.sessions() as session:
+        item = session.scalars(select(ReviewItem).where(ReviewItem.image_id == image)).one()
+        assert (item.state, item.settled_label_id) == ("settled", settled["id"])
+    stored = np.asarray(PILImage.open(io.BytesIO(live.get(reviewer, settled["mask_url"]).content)))
+    got = stored > 0
+    assert got.shape == (height, width)
+    # What the page sent, decoded by COCO's definition, is what the server stored, pixel for
+    # pixel, and what the page counted.
+    assert np.array_equal(_decode_counts(body["mask_rle"]), got)
+    assert int(got.sum()) == shown
+    # Ana's mask plus the brush stroke, less the eraser's (pointer positions are exact to a
+    # fraction of a pixel: check the strokes' cores, and her mask everywhere away from them).
+    brush = distance_to_path(got.shape, painted_path)
+    eraser = distance_to_path(got.shape, erased)
+    assert got[brush <= radius - 1.5].all()
+    assert not got[eraser <= radius - 1.5].any()
+    away = (brush > radius + 1.5) & (eraser > radius + 1.5)
+    assert (got[away] == ana[away]).all()
+    assert not ana[brush <= radius - 1.5].any() and ana[eraser <= radius - 1.5].sum() > 100
+    # Known pixels (y, x): hers, erased, painted, ben's only, the undone stroke, untouched.
+    assert got[20, 10] and got[20, 36] and got[39, 8]
+    assert not got[20, 20] and got[42, 80] and not got[20, 50]
+    assert not got[20, 80] and not got[0, 0] and not got[47, 0]

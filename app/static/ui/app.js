@@ -4,6 +4,9 @@
  * Annotate: GET /queue leases the next item; a label (POST /labels) or a skip
  * (POST /leases/{id}/skip) moves on. Every label carries an idempotency key that is reused when
  * the same answer is sent again, so a retried click never labels twice.
+ * Review (reviewers and admins): GET /review leases an image whose reads disagree and shows
+ * them side by side; POST /review/{id}/settle keeps a read, gives a class, sends the image
+ * back, or (segmentation) gives a mask edited from one read, as uncompressed COCO RLE.
  * Admin (role "admin"): project stats, rounds (start, live phase, cancel), learning curve (SVG)
  * and model versions.
  */
@@ -35,12 +38,43 @@
     generation: 0, // bumps on every project switch or sign-out: late answers are dropped
     photoUrl: null,
     done: { labeled: 0, skipped: 0 },
-    seg: null, // {w, h, mask, predicted, undo, tool, radius, version, painting, last}
+    review: null, // the ReviewEntry on screen
+    reviewImage: null, // its ImageDetail
+    reviewUrl: null,
     renewTimer: null,
     roundTimer: null,
     activeRound: null,
     rounds: [],
     models: [],
+  };
+
+  // The two mask editors share the drawing code (see "Segmentation"): the annotate view's
+  // labels a queued image; the review view's edits one read's mask before settling with it.
+  // Each names its elements and holds its mask, ``seg``: {w, h, mask, predicted, undo, tool,
+  // radius, version, painting, last}. ``active()``: whether it takes strokes and undo now;
+  // ``refresh()``: updates its buttons after a change.
+  const editors = {
+    annotate: {
+      canvas: "mask-canvas", cursor: "brush-cursor", coverage: "mask-coverage",
+      brush: "tool-brush", eraser: "tool-eraser", size: "brush-size", sizeOut: "brush-size-out",
+      undo: "mask-undo",
+      seg: null,
+      renderQueued: false,
+      active: () => ready(),
+      refresh: () => updateSegButtons(),
+    },
+    review: {
+      canvas: "review-edit-canvas", cursor: "review-brush-cursor", coverage: "review-mask-coverage",
+      brush: "review-tool-brush", eraser: "review-tool-eraser", size: "review-brush-size",
+      sizeOut: "review-brush-size-out", undo: "review-mask-undo",
+      seg: null,
+      renderQueued: false,
+      read: null, // the read being edited; null while the reads are side by side
+      trigger: null, // the "Edit this read" button that opened the editor (focused on Cancel)
+      busy: false, // loading a read's mask, or settling
+      active: () => reviewEditing(),
+      refresh: () => updateReviewEditButtons(),
+    },
   };
 
   // ---------------------------------------------------------------------------------------
@@ -315,11 +349,13 @@
   async function loadReview() {
     const p = state.project;
     if (!p) return;
+    closeReviewEditor();
     const generation = state.generation;
     const entries = await api(`/review?project_id=${p.id}&limit=1`);
     if (generation !== state.generation) return;
     const entry = entries[0] || null;
     state.review = entry;
+    state.reviewImage = null;
     $("review-stage").dataset.state = entry ? "loading" : "empty";
     if (!entry) {
       $("review-box").hidden = true;
@@ -343,6 +379,7 @@
     state.reviewUrl = url;
     photo.src = url;
     photo.alt = `Image ${image.id} (${image.filename}) under review`;
+    state.reviewImage = image;
     await photo.decode().catch(() => {});
     $("review-box").hidden = false;
     sizeStage(image.width, image.height, "review-box");
@@ -391,7 +428,19 @@
     keep.textContent = "Keep this read";
     keep.setAttribute("aria-label", `Keep the read of ${read.author_name ?? "this reader"} (${what})`);
     keep.addEventListener("click", () => guarded(() => settleReview({ label_id: read.label_id }, what)));
-    li.append(swatch, text, keep);
+    const actions = document.createElement("span");
+    actions.className = "read-actions";
+    actions.append(keep);
+    li.append(swatch, text, actions);
+    if (segmentation && read.mask_url) {
+      const edit = document.createElement("button");
+      edit.type = "button";
+      edit.className = "btn small";
+      edit.textContent = "Edit this read";
+      edit.setAttribute("aria-label", `Edit the read of ${read.author_name ?? "this reader"} (${what})`);
+      edit.addEventListener("click", () => guarded(() => editRead(read, edit)));
+      actions.append(edit);
+    }
     return li;
   }
 
@@ -445,6 +494,101 @@
     await api(`/review/${entry.id}/skip`, { method: "POST" });
     announce(`Image ${entry.image_id} skipped.`);
     await loadReview();
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Review: edit one read's mask (brush, eraser, undo) and settle with the result
+
+  function reviewEditing() {
+    const ed = editors.review;
+    return Boolean(ed.read && ed.seg) && !ed.busy;
+  }
+
+  function updateReviewEditButtons() {
+    const ed = editors.review;
+    const on = reviewEditing();
+    $("review-mask-undo").setAttribute("aria-disabled", String(!on || !ed.seg.undo.length));
+    $("review-edit-settle").setAttribute("aria-disabled", String(!on));
+    $("review-edit-cancel").setAttribute("aria-disabled", String(ed.busy));
+  }
+
+  /** Open the editor on the review stage, starting from ``read``'s mask. */
+  async function editRead(read, trigger) {
+    const entry = state.review;
+    const image = state.reviewImage;
+    const ed = editors.review;
+    if (!entry || !image || !read.mask_url || ed.busy) return;
+    const generation = state.generation;
+    ed.busy = true;
+    let mask;
+    try {
+      mask = await loadMask(read.mask_url, image.width, image.height);
+    } finally {
+      ed.busy = false;
+    }
+    if (generation !== state.generation || state.review !== entry) return;
+    resetEditor(ed, image.width, image.height);
+    ed.seg.mask.set(mask);
+    ed.read = read;
+    ed.trigger = trigger;
+    const who = read.author_name ?? "this reader";
+    const strong = document.createElement("strong");
+    strong.textContent = `the read of ${who}`;
+    $("review-edit-source").replaceChildren(
+      "Starting from ", strong, ". Paint what it missed and erase what it should not hold, then settle with the mask.",
+    );
+    $("review-side").hidden = true;
+    $("review-edit").hidden = false;
+    $("review-panel").setAttribute("aria-label", "Edit the mask");
+    $("review-canvas").hidden = true;
+    $(ed.canvas).hidden = false;
+    $("review-stage").dataset.editing = String(read.label_id);
+    renderMask(ed);
+    updateReviewEditButtons();
+    $(ed.seg.tool === "eraser" ? ed.eraser : ed.brush).focus();
+    announce(`Editing the read of ${who} on image ${entry.image_id}: paint with the brush, erase with the eraser, then settle with the mask.`);
+  }
+
+  /** Back to the reads side by side (``restoreFocus``: on the button that opened the editor). */
+  function closeReviewEditor({ restoreFocus = false } = {}) {
+    const ed = editors.review;
+    if (!ed.read) return;
+    const trigger = ed.trigger;
+    ed.read = null;
+    ed.trigger = null;
+    if (ed.seg) ed.seg.painting = false;
+    $("review-edit").hidden = true;
+    $("review-side").hidden = false;
+    $("review-panel").setAttribute("aria-label", "Reads");
+    $(ed.canvas).hidden = true;
+    $(ed.cursor).hidden = true;
+    $("review-canvas").hidden = false; // only a segmentation item opens the editor
+    delete $("review-stage").dataset.editing;
+    if (restoreFocus && trigger && trigger.isConnected) trigger.focus();
+  }
+
+  function cancelReviewEdit() {
+    const ed = editors.review;
+    if (!ed.read || ed.busy) return;
+    closeReviewEditor({ restoreFocus: true });
+    announce("Edit cancelled: the reads are side by side again.");
+  }
+
+  async function settleWithMask() {
+    const ed = editors.review;
+    if (!reviewEditing()) return;
+    const who = ed.read.author_name ?? "this reader";
+    ed.busy = true;
+    updateReviewEditButtons();
+    try {
+      await settleReview({ mask_rle: maskRle(ed.seg) }, `the read of ${who}, edited`);
+    } finally {
+      ed.busy = false;
+      if (ed.read) updateReviewEditButtons();
+    }
+    // The next item is on screen (or none): focus its first read, or "Check again".
+    const next = $("review-reads").querySelector("button") || $("review-refresh");
+    if (!next.closest("[hidden]")) next.focus();
   }
 
   // ---------------------------------------------------------------------------------------
@@ -728,19 +872,20 @@
   }
 
   // ---------------------------------------------------------------------------------------
-  // Segmentation: the mask is a Uint8Array (1 = lesion) at the image's own resolution
+  // Segmentation: the mask is a Uint8Array (1 = lesion) at the image's own resolution. The
+  // drawing code takes the editor it works on (see ``editors``): the annotate view's or the
+  // review view's.
 
-  async function setupMask(entry, image, generation) {
-    const w = image.width;
-    const h = image.height;
-    const canvas = $("mask-canvas");
+  /** A new, empty w x h mask for ``ed``; its tool, and its radius for the same width, stay. */
+  function resetEditor(ed, w, h) {
+    const canvas = $(ed.canvas);
     canvas.width = w;
     canvas.height = h;
     const radius = Math.max(1, Math.round(Math.min(w, h) / 24));
-    const slider = $("brush-size");
+    const slider = $(ed.size);
     slider.max = String(Math.max(8, Math.round(Math.min(w, h) / 4)));
-    const previous = state.seg;
-    state.seg = {
+    const previous = ed.seg;
+    ed.seg = {
       w, h,
       mask: new Uint8Array(w * h),
       predicted: null,
@@ -751,30 +896,38 @@
       painting: false,
       last: null,
     };
-    setRadius(state.seg.radius);
-    setTool(state.seg.tool);
+    setRadius(ed, ed.seg.radius);
+    setTool(ed, ed.seg.tool);
+  }
+
+  async function setupMask(entry, image, generation) {
+    const ed = editors.annotate;
+    const w = image.width;
+    const h = image.height;
+    resetEditor(ed, w, h);
     const maskUrl = entry.prediction && entry.prediction.mask_url;
     if (maskUrl) {
       try {
-        state.seg.predicted = await loadPredictedMask(maskUrl, w, h);
+        ed.seg.predicted = await loadMask(maskUrl, w, h);
         if (generation !== state.generation) return;
-        state.seg.mask.set(state.seg.predicted);
+        ed.seg.mask.set(ed.seg.predicted);
       } catch (err) {
         showError(err);
       }
     }
     $("seg-source").replaceChildren();
-    if (state.seg.predicted) {
+    if (ed.seg.predicted) {
       const strong = document.createElement("strong");
       strong.textContent = "the model's predicted mask";
       $("seg-source").append("Starting from ", strong, ". Correct it with the brush and eraser, or submit it as it is.");
     } else {
       $("seg-source").textContent = "No predicted mask for this image: paint the lesion with the brush.";
     }
-    renderMask();
+    renderMask(ed);
   }
 
-  async function loadPredictedMask(path, w, h) {
+  /** A stored mask (a PNG, white on black) as a w x h Uint8Array: 1 where it is above 127. */
+  async function loadMask(path, w, h) {
     const response = await api(path, { raw: true });
     const bitmap = await createImageBitmap(await response.blob());
     const scratch = document.createElement("canvas");
@@ -789,12 +942,11 @@
     return mask;
   }
 
-  let renderQueued = false;
-  function renderMask() {
-    renderQueued = false;
-    const seg = state.seg;
+  function renderMask(ed) {
+    ed.renderQueued = false;
+    const seg = ed.seg;
     if (!seg) return;
-    const ctx = $("mask-canvas").getContext("2d");
+    const ctx = $(ed.canvas).getContext("2d");
     const pixels = ctx.createImageData(seg.w, seg.h);
     const out = pixels.data;
     const [r, g, b, a] = MASK_RGBA;
@@ -810,52 +962,50 @@
     }
     ctx.putImageData(pixels, 0, 0);
     const share = (100 * painted) / seg.mask.length;
-    $("mask-coverage").textContent = `The mask covers ${share.toFixed(1)}% of the image (${painted} pixels).`;
+    $(ed.coverage).textContent = `The mask covers ${share.toFixed(1)}% of the image (${painted} pixels).`;
   }
 
-  function queueRender() {
-    if (renderQueued) return;
-    renderQueued = true;
-    requestAnimationFrame(renderMask);
+  function queueRender(ed) {
+    if (ed.renderQueued) return;
+    ed.renderQueued = true;
+    requestAnimationFrame(() => renderMask(ed));
   }
 
-  function setTool(tool) {
-    if (!state.seg) return;
-    state.seg.tool = tool;
-    $("tool-brush").setAttribute("aria-pressed", String(tool === "brush"));
-    $("tool-eraser").setAttribute("aria-pressed", String(tool === "eraser"));
+  function setTool(ed, tool) {
+    if (!ed.seg) return;
+    ed.seg.tool = tool;
+    $(ed.brush).setAttribute("aria-pressed", String(tool === "brush"));
+    $(ed.eraser).setAttribute("aria-pressed", String(tool === "eraser"));
   }
 
-  function setRadius(radius) {
-    const slider = $("brush-size");
+  function setRadius(ed, radius) {
+    const slider = $(ed.size);
     const value = Math.max(Number(slider.min), Math.min(Number(slider.max), Math.round(radius)));
     slider.value = String(value);
-    $("brush-size-out").textContent = String(value);
-    if (state.seg) state.seg.radius = value;
+    $(ed.sizeOut).textContent = String(value);
+    if (ed.seg) ed.seg.radius = value;
   }
 
-  function pushUndo() {
-    const seg = state.seg;
+  function pushUndo(seg) {
     seg.undo.push(seg.mask.slice());
     if (seg.undo.length > UNDO_LIMIT) seg.undo.shift();
   }
 
-  function changed() {
-    state.seg.version += 1;
-    updateSegButtons();
-    queueRender();
+  function changed(ed) {
+    ed.seg.version += 1;
+    ed.refresh();
+    queueRender(ed);
   }
 
   function updateSegButtons() {
-    const seg = state.seg;
+    const seg = editors.annotate.seg;
     const on = ready();
     $("mask-undo").setAttribute("aria-disabled", String(!on || !seg || !seg.undo.length));
     $("mask-reset").setAttribute("aria-disabled", String(!on || !seg || !seg.predicted));
   }
 
   /** Set every pixel whose centre lies within the brush disc around (x, y) (image pixels). */
-  function stamp(x, y) {
-    const seg = state.seg;
+  function stamp(seg, x, y) {
     const r = seg.radius;
     const value = seg.tool === "brush" ? 1 : 0;
     const x0 = Math.max(0, Math.floor(x - r));
@@ -872,27 +1022,27 @@
     }
   }
 
-  function strokeTo(from, to) {
-    const steps = Math.max(1, Math.ceil(Math.hypot(to.x - from.x, to.y - from.y) / Math.max(0.5, state.seg.radius / 2)));
+  function strokeTo(seg, from, to) {
+    const steps = Math.max(1, Math.ceil(Math.hypot(to.x - from.x, to.y - from.y) / Math.max(0.5, seg.radius / 2)));
     for (let s = 1; s <= steps; s += 1) {
       const t = s / steps;
-      stamp(from.x + (to.x - from.x) * t, from.y + (to.y - from.y) * t);
+      stamp(seg, from.x + (to.x - from.x) * t, from.y + (to.y - from.y) * t);
     }
   }
 
-  function toImage(event) {
-    const rect = $("mask-canvas").getBoundingClientRect();
+  function toImage(ed, event) {
+    const rect = $(ed.canvas).getBoundingClientRect();
     return {
-      x: ((event.clientX - rect.left) / rect.width) * state.seg.w,
-      y: ((event.clientY - rect.top) / rect.height) * state.seg.h,
+      x: ((event.clientX - rect.left) / rect.width) * ed.seg.w,
+      y: ((event.clientY - rect.top) / rect.height) * ed.seg.h,
     };
   }
 
-  function moveCursor(event) {
-    const seg = state.seg;
-    const cursor = $("brush-cursor");
+  function moveCursor(ed, event) {
+    const seg = ed.seg;
+    const cursor = $(ed.cursor);
     if (!seg) return;
-    const rect = $("mask-canvas").getBoundingClientRect();
+    const rect = $(ed.canvas).getBoundingClientRect();
     const size = Math.max(4, ((2 * seg.radius) / seg.w) * rect.width);
     cursor.style.width = `${size}px`;
     cursor.style.height = `${size}px`;
@@ -901,62 +1051,61 @@
     cursor.hidden = false;
   }
 
-  function onPointerDown(event) {
-    if (!ready() || !state.seg || event.button !== 0) return;
+  function onPointerDown(ed, event) {
+    if (!ed.active() || !ed.seg || event.button !== 0) return;
     event.preventDefault();
-    $("mask-canvas").setPointerCapture(event.pointerId);
-    pushUndo();
-    const seg = state.seg;
+    $(ed.canvas).setPointerCapture(event.pointerId);
+    const seg = ed.seg;
+    pushUndo(seg);
     seg.painting = true;
-    seg.last = toImage(event);
-    stamp(seg.last.x, seg.last.y);
-    queueRender();
+    seg.last = toImage(ed, event);
+    stamp(seg, seg.last.x, seg.last.y);
+    queueRender(ed);
   }
 
-  function onPointerMove(event) {
-    moveCursor(event);
-    const seg = state.seg;
+  function onPointerMove(ed, event) {
+    moveCursor(ed, event);
+    const seg = ed.seg;
     if (!seg || !seg.painting) return;
-    const point = toImage(event);
-    strokeTo(seg.last, point);
+    const point = toImage(ed, event);
+    strokeTo(seg, seg.last, point);
     seg.last = point;
-    queueRender();
+    queueRender(ed);
   }
 
-  function onPointerUp() {
-    const seg = state.seg;
+  function onPointerUp(ed) {
+    const seg = ed.seg;
     if (!seg || !seg.painting) return;
     seg.painting = false;
     seg.last = null;
-    changed();
+    changed(ed);
   }
 
-  function undo() {
-    const seg = state.seg;
-    if (!ready() || !seg || !seg.undo.length) return;
+  function undo(ed) {
+    const seg = ed.seg;
+    if (!ed.active() || !seg || !seg.undo.length) return;
     seg.mask = seg.undo.pop();
-    changed();
+    changed(ed);
   }
 
-  function resetToPrediction() {
-    const seg = state.seg;
-    if (!ready() || !seg || !seg.predicted) return;
-    pushUndo();
+  function resetToPrediction(ed) {
+    const seg = ed.seg;
+    if (!ed.active() || !seg || !seg.predicted) return;
+    pushUndo(seg);
     seg.mask.set(seg.predicted);
-    changed();
+    changed(ed);
   }
 
-  function clearMask() {
-    const seg = state.seg;
-    if (!ready() || !seg) return;
-    pushUndo();
+  function clearMask(ed) {
+    const seg = ed.seg;
+    if (!ed.active() || !seg) return;
+    pushUndo(seg);
     seg.mask.fill(0);
-    changed();
+    changed(ed);
   }
 
   /** The mask as an 8-bit PNG holding 0 and 255 (grey: the three colour channels agree). */
-  function maskPng() {
-    const seg = state.seg;
+  function maskPng(seg) {
     const canvas = document.createElement("canvas");
     canvas.width = seg.w;
     canvas.height = seg.h;
@@ -977,29 +1126,67 @@
     });
   }
 
+  /** The mask as COCO's uncompressed RLE, ``{size: [h, w], counts}``: run lengths in
+   * column-major order (x outer, y inner), alternately of 0s and 1s, the first of 0s (maybe
+   * an empty one). */
+  function maskRle(seg) {
+    const counts = [];
+    let value = 0;
+    let run = 0;
+    for (let x = 0; x < seg.w; x += 1) {
+      for (let i = x; i < seg.mask.length; i += seg.w) {
+        if (seg.mask[i] !== value) {
+          counts.push(run);
+          value = seg.mask[i];
+          run = 0;
+        }
+        run += 1;
+      }
+    }
+    counts.push(run);
+    return { size: [seg.h, seg.w], counts };
+  }
+
   async function submitMask() {
-    if (!ready() || !state.seg) return;
+    const seg = editors.annotate.seg;
+    if (!ready() || !seg) return;
     const entry = state.entry;
     const form = new FormData();
     form.append("image_id", String(entry.image_id));
     form.append("lease_id", String(entry.lease_id));
-    form.append("idempotency_key", keyFor(entry, `mask:${state.seg.version}`));
-    form.append("mask", await maskPng(), "mask.png");
+    form.append("idempotency_key", keyFor(entry, `mask:${seg.version}`));
+    form.append("mask", await maskPng(seg), "mask.png");
     await submitLabel({ method: "POST", form }, "");
   }
 
   // ---------------------------------------------------------------------------------------
   // Keyboard
 
+  /** The keys both mask editors share: B, E, [ and ]. */
+  function brushKeys(ed) {
+    return {
+      b: () => setTool(ed, "brush"),
+      e: () => setTool(ed, "eraser"),
+      "[": () => setRadius(ed, ed.seg.radius - 1),
+      "]": () => setRadius(ed, ed.seg.radius + 1),
+    };
+  }
+
   function onKey(event) {
-    if (state.view !== "annotate" || !state.project || $("workspace").hidden) return;
+    if (!state.project || $("workspace").hidden) return;
+    if (state.view === "review") {
+      onReviewKey(event);
+      return;
+    }
+    if (state.view !== "annotate") return;
     const target = event.target;
     if (target && target.closest && target.closest("input, select, textarea, [role='tab']")) return;
     const key = event.key;
     const seg = state.project.task === "segmentation";
+    const ed = editors.annotate;
     if ((event.ctrlKey || event.metaKey) && key.toLowerCase() === "z" && seg) {
       event.preventDefault();
-      undo();
+      undo(ed);
       return;
     }
     if (event.ctrlKey || event.metaKey || event.altKey) return;
@@ -1020,20 +1207,42 @@
       return;
     }
     const actions = {
-      b: () => setTool("brush"),
-      e: () => setTool("eraser"),
-      "[": () => setRadius(state.seg.radius - 1),
-      "]": () => setRadius(state.seg.radius + 1),
-      p: resetToPrediction,
-      c: clearMask,
+      ...brushKeys(ed),
+      p: () => resetToPrediction(ed),
+      c: () => clearMask(ed),
     };
     if (key === "Enter") {
       if (target && target.closest && target.closest("button, a, summary")) return; // activates it
       event.preventDefault();
       guarded(submitMask);
-    } else if (actions[lower] && state.seg) {
+    } else if (actions[lower] && ed.seg) {
       event.preventDefault();
       actions[lower]();
+    }
+  }
+
+  /** The review view's mask editor: B, E, [ ], Ctrl+Z as in the annotate view; Escape cancels. */
+  function onReviewKey(event) {
+    const ed = editors.review;
+    if (!ed.read) return;
+    const target = event.target;
+    const inField = Boolean(target && target.closest && target.closest("input, select, textarea, [role='tab']"));
+    if (event.key === "Escape" && !(target && target.closest && target.closest("select"))) {
+      event.preventDefault();
+      cancelReviewEdit();
+      return;
+    }
+    if (inField) return;
+    if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") {
+      event.preventDefault();
+      undo(ed);
+      return;
+    }
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const action = brushKeys(ed)[event.key.toLowerCase()];
+    if (action) {
+      event.preventDefault();
+      action();
     }
   }
 
@@ -1451,19 +1660,12 @@
     $("tab-review").addEventListener("keydown", onTabKey);
     $("refresh-queue").addEventListener("click", () => guarded(loadNext));
     $("skip").addEventListener("click", () => skip());
-    $("tool-brush").addEventListener("click", () => setTool("brush"));
-    $("tool-eraser").addEventListener("click", () => setTool("eraser"));
-    $("brush-size").addEventListener("input", (event) => setRadius(Number(event.target.value)));
-    $("mask-undo").addEventListener("click", undo);
-    $("mask-reset").addEventListener("click", resetToPrediction);
-    $("mask-clear").addEventListener("click", clearMask);
+    for (const ed of Object.values(editors)) wireEditor(ed);
+    $("mask-reset").addEventListener("click", () => resetToPrediction(editors.annotate));
+    $("mask-clear").addEventListener("click", () => clearMask(editors.annotate));
     $("mask-submit").addEventListener("click", () => guarded(submitMask));
-    const canvas = $("mask-canvas");
-    canvas.addEventListener("pointerdown", onPointerDown);
-    canvas.addEventListener("pointermove", onPointerMove);
-    canvas.addEventListener("pointerup", onPointerUp);
-    canvas.addEventListener("pointercancel", onPointerUp);
-    canvas.addEventListener("pointerleave", () => ($("brush-cursor").hidden = true));
+    $("review-edit-settle").addEventListener("click", () => guarded(settleWithMask));
+    $("review-edit-cancel").addEventListener("click", cancelReviewEdit);
     $("round-start").addEventListener("click", () => guarded(startRound));
     $("round-cancel").addEventListener("click", () => guarded(cancelRound));
     $("curve-metric").addEventListener("change", () => {
@@ -1471,6 +1673,20 @@
       renderModels();
     });
     document.addEventListener("keydown", onKey);
+  }
+
+  /** A mask editor's tools and canvas (see ``editors``). */
+  function wireEditor(ed) {
+    $(ed.brush).addEventListener("click", () => setTool(ed, "brush"));
+    $(ed.eraser).addEventListener("click", () => setTool(ed, "eraser"));
+    $(ed.size).addEventListener("input", (event) => setRadius(ed, Number(event.target.value)));
+    $(ed.undo).addEventListener("click", () => undo(ed));
+    const canvas = $(ed.canvas);
+    canvas.addEventListener("pointerdown", (event) => onPointerDown(ed, event));
+    canvas.addEventListener("pointermove", (event) => onPointerMove(ed, event));
+    canvas.addEventListener("pointerup", () => onPointerUp(ed));
+    canvas.addEventListener("pointercancel", () => onPointerUp(ed));
+    canvas.addEventListener("pointerleave", () => ($(ed.cursor).hidden = true));
   }
 
   async function start() {
