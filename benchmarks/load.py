@@ -3,22 +3,46 @@
 Starts uvicorn (``app.main:create_app``) on a free port of 127.0.0.1 with its data in a
 temporary directory (SQLite there, or a fresh PostgreSQL database on 127.0.0.1:5432), fills
 the database directly (users, a project, images, one done round of queue items), then runs
-N annotator threads, each with its own HTTP connection, doing cycles of
-``GET /queue?limit=1`` + ``POST /labels`` (with the lease): a warm-up first (not measured),
-then a fixed measured time. Afterwards it counts in the database the items leased beyond the
-project's overlap and the labels lost, and prints one JSON line: cycles/s, p50/p99 latency of
-a cycle and of each call, CPU milliseconds per cycle of the server and of the annotators
-(this process), and the load average (other work on the machine skews every figure).
+two phases against the same server:
+
+1. **Closed loop.** N annotator threads, each with its own HTTP connection and no think time,
+   doing cycles of ``GET /queue?limit=1`` + ``POST /labels`` (with the lease): a warm-up first
+   (not measured), then a fixed measured time. Its throughput (cycles/s) is the server's
+   capacity at N concurrent annotators; its latencies are those of a server never offered more
+   than N requests at a time.
+2. **Open loop** (``--rate``, cycles/s; ``--rate 0`` skips it). Arrivals on a fixed timetable,
+   ``start_i = t0 + i / rate`` for ``--open-seconds`` (exponential gaps with ``--poisson``),
+   whatever the server does. Each arrival is one cycle, run on the session of an annotator that
+   is free (first come, first served); when all N are busy it waits for one. Its latency is
+   measured from its **scheduled** start, not from when it was sent, so the time it waited for
+   a free annotator (the queue building up when the server falls behind) counts: measuring
+   from the send time would hide that queueing (coordinated omission). Arrivals still waiting
+   ``--open-seconds`` after the timetable ends are dropped and counted as ``not_started``.
+
+After each phase it counts in the database the items leased beyond the project's overlap, the
+images read more than ``overlap`` times or twice by one annotator, and the labels lost. It
+measures the CPU seconds of the server's process tree (the server, its uvicorn workers and,
+with ``--serve``, the embedded worker; from ``/proc``), of the PostgreSQL server when it runs
+on this machine (its postmaster, its background processes and the backends of the
+benchmark's database; "n/a" on SQLite or when not visible), and of the annotators (this
+process), and reports them per cycle and as the share of the machine's cores the server used.
+
+It prints one JSON line on stdout (the closed loop's figures at the top level, the open
+loop's under ``open_loop``) and a readable summary on stderr. The load average is in the
+report: other work on the machine skews every figure.
 
     .venv/bin/python -m benchmarks.load --db sqlite --seconds 20 --annotators 16
     .venv/bin/python -m benchmarks.load --db postgresql --seconds 20 --annotators 16
+    .venv/bin/python -m benchmarks.load --db sqlite --rate 200 --open-seconds 20 --poisson
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,8 +51,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,21 +96,125 @@ class Sample:
     labels_posted: int = 0
     warmup_labels: int = 0  # posted during the warm-up (not in the latencies)
     empty_queue: int = 0
+    # Open loop only: from each arrival's scheduled start to the end of its cycle (labeled).
+    from_schedule: list[float] = field(default_factory=list)
+    not_started: int = 0  # open loop: arrivals dropped, still waiting long after the timetable
+
+
+def _read_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """The command name and the fields after it (field 3 on) of ``/proc/<pid>/stat``; None if
+    the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    head, _, tail = stat.rpartition(")")
+    return head.partition("(")[2], tail.split()
+
+
+def _stat_cpu_seconds(fields: list[str], children: bool = True) -> float:
+    """User + system CPU time of the process, and (``children``) of its children it waited
+    for (Linux)."""
+    return sum(int(value) for value in fields[11 : 15 if children else 13]) / os.sysconf(
+        "SC_CLK_TCK"
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` and its waited-for children (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    stat = _read_stat(pid)
+    return 0.0 if stat is None else _stat_cpu_seconds(stat[1])
+
+
+def _processes() -> dict[int, tuple[str, list[str]]]:
+    """Every live process: its command name and its ``stat`` fields."""
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _read_stat(entry.name)) is not None:
+            processes[int(entry.name)] = stat
+    return processes
 
 
 def _tree_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and its live child processes (uvicorn's workers)."""
-    total = _cpu_seconds(pid)
-    for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child_pid in child.read_text().split():
-            total += _tree_cpu_seconds(int(child_pid))
-    return total
+    """CPU time of ``pid``, its live descendants (uvicorn's workers; the embedded worker and
+    its pool with ``--serve``) and any other live process of its session (the server is
+    started in a session of its own), each with its children it waited for."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for child, (_, fields) in processes.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    tree: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        if current not in tree:
+            tree.add(current)
+            todo.extend(children.get(current, ()))
+    tree |= {other for other, (_, fields) in processes.items() if int(fields[3]) == pid}
+    return sum(_stat_cpu_seconds(processes[p][1]) for p in tree if p in processes)
+
+
+# "postgres: [cluster: ]user database host(port) state": a client backend's process title.
+_PG_BACKEND = re.compile(r"^postgres: (?:\S+: )?\S+ (\S+) (?:\[local\]|\S+\(\d+\))")
+
+
+def _postgres_cpu_seconds(database: str) -> float | None:
+    """CPU time of the PostgreSQL server of this machine, as far as it works for ``database``:
+    the postmaster, its background processes (writers, checkpointer, autovacuum) and the live
+    backends of ``database``, not those of other databases. Backends that exit in between are
+    missed (the postmaster's reaped children are left out: they include other databases'),
+    so a phase's figure misses connections the server opened and closed within it (beyond
+    its pool of 10 per API process). None where no postgres process is visible (another
+    machine, container or user)."""
+    total, seen = 0.0, False
+    for pid, (name, fields) in _processes().items():
+        if name != "postgres":
+            continue
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        title = title.strip()
+        backend = _PG_BACKEND.match(title)
+        if backend is None or backend.group(1) == database:
+            total += _stat_cpu_seconds(fields, children=title.startswith("postgres:"))
+            seen = True
+    return total if seen else None
+
+
+def _local_pg_database(kind: str, url: str) -> str | None:
+    """The database's name where it is PostgreSQL on this machine (its CPU is measured)."""
+    parsed = make_url(url)
+    if kind != "postgresql" or parsed.host not in (None, "", "127.0.0.1", "localhost", "::1"):
+        return None
+    return parsed.database
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """A reading of the clock and of the CPU seconds used so far (db: None if unmeasured)."""
+
+    wall: float  # time.monotonic()
+    server: float
+    client: float
+    db: float | None
+
+
+def _read_cpu(server_pid: int, pg_database: str | None) -> Cpu:
+    return Cpu(
+        time.monotonic(),
+        _tree_cpu_seconds(server_pid),
+        time.process_time(),  # this process, every thread: getrusage(RUSAGE_SELF)
+        None if pg_database is None else _postgres_cpu_seconds(pg_database),
+    )
+
+
+def _cores() -> int:
+    """The CPU cores the server may use (it inherits this process's affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:
@@ -271,9 +399,20 @@ def _annotate(
     with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
         start.wait()
         while time.monotonic() < stop_at:
-            _one_cycle(client, project_id, sample if time.monotonic() >= record_from else warm)
+            _safe_cycle(client, project_id, sample if time.monotonic() >= record_from else warm)
     sample.warmup_labels = warm.labels_posted
     return sample
+
+
+def _safe_cycle(client: httpx.Client, project_id: int, sample: Sample) -> None:
+    """One cycle; a transport error (the server dropped the connection, or is gone) counts
+    as an error of its type instead of ending the annotator's thread."""
+    try:
+        _one_cycle(client, project_id, sample)
+    except httpx.TransportError as exc:
+        code = type(exc).__name__
+        sample.errors[code] = sample.errors.get(code, 0) + 1
+        time.sleep(0.01)
 
 
 def _one_cycle(client: httpx.Client, project_id: int, sample: Sample) -> None:
@@ -311,12 +450,31 @@ def _one_cycle(client: httpx.Client, project_id: int, sample: Sample) -> None:
 class Run:
     samples: list[Sample]
     seconds: float  # the measured window
-    server_cpu: float  # CPU seconds of the server processes during the window
-    client_cpu: float  # CPU seconds of this process (the annotators) during the window
+    cpu: tuple[Cpu, Cpu]  # readings at the start and at the end of the window
+
+    @property
+    def server_cpu(self) -> float:
+        """CPU seconds of the server processes during the window."""
+        return self.cpu[1].server - self.cpu[0].server
+
+    @property
+    def client_cpu(self) -> float:
+        """CPU seconds of this process (the annotators) during the window."""
+        return self.cpu[1].client - self.cpu[0].client
+
+    @property
+    def db_cpu(self) -> float | None:
+        """CPU seconds of the local PostgreSQL server during the window; None if unmeasured."""
+        start, end = self.cpu[0].db, self.cpu[1].db
+        return None if start is None or end is None else end - start
 
 
 def _run_annotators(
-    base_url: str, tokens: list[str], project_id: int, args: argparse.Namespace, server_pid: int
+    base_url: str,
+    tokens: list[str],
+    project_id: int,
+    args: argparse.Namespace,
+    read_cpu: Callable[[], Cpu],
 ) -> Run:
     start = threading.Barrier(len(tokens) + 1)
     samples: list[Sample] = [Sample() for _ in tokens]
@@ -331,15 +489,85 @@ def _run_annotators(
         thread.start()
     start.wait()
     time.sleep(max(0.0, window[0] - time.monotonic()))
-    cpu = (_tree_cpu_seconds(server_pid), time.process_time())
+    cpu = read_cpu()
     for thread in threads:
         thread.join()
-    return Run(
-        samples,
-        time.monotonic() - window[0],
-        _tree_cpu_seconds(server_pid) - cpu[0],
-        time.process_time() - cpu[1],
-    )
+    end = read_cpu()
+    return Run(samples, end.wall - window[0], (cpu, end))
+
+
+def _arrival_offsets(rate: float, seconds: float, poisson: bool, seed: int = 0) -> list[float]:
+    """Scheduled starts (seconds after t0) of the open loop's arrivals in ``[0, seconds)``:
+    ``i / rate``, or a Poisson process of that rate (exponential gaps, the first at 0)."""
+    if not poisson:
+        return [i / rate for i in range(int(np.ceil(rate * seconds - 1e-9)))]
+    rng = np.random.default_rng(seed)
+    offsets, t = [], 0.0
+    while t < seconds:
+        offsets.append(t)
+        t += float(rng.exponential(1.0 / rate))
+    return offsets
+
+
+def _run_open_loop(
+    base_url: str,
+    tokens: list[str],
+    project_id: int,
+    args: argparse.Namespace,
+    read_cpu: Callable[[], Cpu],
+) -> Run:
+    """Arrivals at ``args.rate`` per second on a timetable fixed in advance, each one cycle on
+    the session of the first annotator free (first come, first served), whether or not the
+    server keeps up. ``Sample.from_schedule`` holds the latency from the *scheduled* start
+    (including any wait for a free annotator: no coordinated omission); ``Sample.cycle`` the
+    cycle's own time from its first request. Arrivals not started ``args.open_seconds`` after
+    the timetable's end are dropped (``not_started``). The window runs from t0 to the last
+    cycle's end."""
+    offsets = _arrival_offsets(args.rate, args.open_seconds, args.poisson, args.seed)
+    samples: list[Sample] = [Sample() for _ in tokens]
+    ready = threading.Barrier(len(tokens) + 1)
+    go = threading.Event()
+    t0 = [0.0]  # perf_counter() of the first arrival, set before ``go``
+    lock = threading.Lock()
+    arrivals = iter(range(len(offsets)))
+
+    def run(i: int) -> None:
+        sample = samples[i]
+        headers = {"Authorization": f"Bearer {tokens[i]}"}
+        with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
+            with suppress(httpx.TransportError):  # else the first arrival connects
+                client.get("/health")  # connected before the clock starts
+            ready.wait()
+            go.wait()
+            drop_after = t0[0] + 2 * args.open_seconds
+            while True:
+                with lock:
+                    arrival = next(arrivals, None)
+                if arrival is None:
+                    return
+                scheduled = t0[0] + offsets[arrival]
+                now = time.perf_counter()
+                if now < scheduled:
+                    time.sleep(scheduled - now)
+                elif now > drop_after:
+                    sample.not_started += 1
+                    continue
+                before = sample.labels_posted
+                _safe_cycle(client, project_id, sample)
+                if sample.labels_posted > before:
+                    sample.from_schedule.append(time.perf_counter() - scheduled)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tokens))]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    cpu = read_cpu()
+    t0[0] = time.perf_counter()
+    go.set()
+    for thread in threads:
+        thread.join()
+    end = read_cpu()
+    return Run(samples, end.wall - cpu.wall, (cpu, end))
 
 
 def _check_database(settings: Settings, project_id: int, overlap: int) -> dict[str, int]:
@@ -380,15 +608,52 @@ def _check_database(settings: Settings, project_id: int, overlap: int) -> dict[s
     }
 
 
-def _ms(values: list[float]) -> dict[str, float]:
+def _ms(values: list[float], percentiles: tuple[int, ...] = (50, 99)) -> dict[str, float]:
     if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "n": 0}
+        return {**{f"p{q}": float("nan") for q in percentiles}, "n": 0}
     array = np.asarray(values) * 1000.0
     return {
-        "p50": round(float(np.percentile(array, 50)), 2),
-        "p99": round(float(np.percentile(array, 99)), 2),
+        **{f"p{q}": round(float(np.percentile(array, q)), 2) for q in percentiles},
         "n": len(values),
     }
+
+
+def _latency_ms(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max in milliseconds, and the count."""
+    report = _ms(values, (50, 90, 99))
+    n = report.pop("n")
+    report["max"] = round(1000.0 * max(values), 2) if values else float("nan")
+    report["n"] = n
+    return report
+
+
+def _cpu_report(run: Run, cycles: int) -> dict[str, Any]:
+    """CPU milliseconds per cycle, and the share of the cores used, during ``run``'s window:
+    of the server's processes, of the local PostgreSQL server ("n/a" where not measured)
+    and of the annotators (this process)."""
+    per_cycle, seconds, cores = max(cycles, 1), max(run.seconds, 1e-9), _cores()
+    db = run.db_cpu
+    return {
+        "cpu_ms_per_cycle": {
+            "server": round(1000 * run.server_cpu / per_cycle, 2),
+            "client": round(1000 * run.client_cpu / per_cycle, 2),
+            "db": "n/a" if db is None else round(1000 * db / per_cycle, 2),
+        },
+        "cpu_share_of_cores": {
+            "cores": cores,
+            "server": round(run.server_cpu / seconds / cores, 3),
+            "client": round(run.client_cpu / seconds / cores, 3),
+            "db": "n/a" if db is None else round(db / seconds / cores, 3),
+        },
+    }
+
+
+def _errors(samples: list[Sample]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for sample in samples:
+        for code, n in sample.errors.items():
+            errors[code] = errors.get(code, 0) + n
+    return errors
 
 
 def _report(
@@ -397,10 +662,7 @@ def _report(
     def joined(name: str) -> list[float]:
         return [value for sample in samples for value in getattr(sample, name)]
 
-    errors: dict[str, int] = {}
-    for sample in samples:
-        for code, n in sample.errors.items():
-            errors[code] = errors.get(code, 0) + n
+    errors = _errors(samples)
     posted = sum(sample.labels_posted + sample.warmup_labels for sample in samples)
     return {
         "db": args.db,
@@ -422,6 +684,92 @@ def _report(
     }
 
 
+def _open_report(
+    args: argparse.Namespace, run: Run, before: dict[str, int], after: dict[str, int]
+) -> dict[str, Any]:
+    """The open loop's figures; its checks count what the database gained during it."""
+
+    def joined(name: str) -> list[float]:
+        return [value for sample in run.samples for value in getattr(sample, name)]
+
+    cycles = len(joined("from_schedule"))
+    posted = sum(sample.labels_posted for sample in run.samples)
+    return {
+        "offered_per_s": args.rate,
+        "schedule": "poisson" if args.poisson else "fixed",
+        "timetable_s": args.open_seconds,
+        "seconds": round(run.seconds, 2),
+        "scheduled": len(_arrival_offsets(args.rate, args.open_seconds, args.poisson, args.seed)),
+        "cycles": cycles,
+        "achieved_per_s": round(cycles / max(args.open_seconds, run.seconds), 1),
+        "latency_ms": _latency_ms(joined("from_schedule")),
+        "service_ms": _ms(joined("cycle")),
+        "queue_ms": _ms(joined("queue")),
+        "label_ms": _ms(joined("label")),
+        "errors": _errors(run.samples),
+        "empty_queue": sum(sample.empty_queue for sample in run.samples),
+        "not_started": sum(sample.not_started for sample in run.samples),
+        "double_leases": after["double_leases"] - before["double_leases"],
+        "images_over_k_reads": after["images_over_k_reads"] - before["images_over_k_reads"],
+        "images_read_twice_by_one": (
+            after["images_read_twice_by_one"] - before["images_read_twice_by_one"]
+        ),
+        "labels_lost": posted - (after["labels_in_db"] - before["labels_in_db"]),
+        **_cpu_report(run, cycles),
+    }
+
+
+def _summary(report: dict[str, Any]) -> str:
+    """The report in a few readable lines."""
+
+    def checks(r: dict[str, Any]) -> str:
+        return (
+            f"  checks: errors {sum(r['errors'].values())}{' ' if r['errors'] else ''}"
+            f"{r['errors'] or ''}, "
+            f"empty queue {r['empty_queue']}, double hand-outs {r['double_leases']}, "
+            f"images over k reads {r['images_over_k_reads']}, read twice by one "
+            f"{r['images_read_twice_by_one']}, labels lost {r['labels_lost']}"
+        )
+
+    def cpu(r: dict[str, Any]) -> str:
+        ms, share = r["cpu_ms_per_cycle"], r["cpu_share_of_cores"]
+
+        def pct(value: Any) -> str:
+            return value if isinstance(value, str) else f"{100 * value:.0f}%"
+
+        return (
+            f"  CPU ms per cycle: server {ms['server']}, db {ms['db']}, client {ms['client']}; "
+            f"share of the {share['cores']} cores: server {pct(share['server'])}, "
+            f"db {pct(share['db'])}, client {pct(share['client'])}"
+        )
+
+    r = report
+    lines = [
+        f"closed loop: {r['annotators']} annotators, {r['server']} ({r['workers']} API processes), "
+        f"{r['db']}, {r['seconds']} s: {r['cycles_per_s']} cycles/s ({r['cycles']} cycles), "
+        f"cycle p50 {r['cycle_ms']['p50']} ms, p99 {r['cycle_ms']['p99']} ms",
+        checks(r),
+        cpu(r),
+    ]
+    o = r["open_loop"]
+    if o is None:
+        lines.append("open loop: skipped (--rate 0)")
+    else:
+        lat = o["latency_ms"]
+        lines += [
+            f"open loop: offered {o['offered_per_s']}/s ({o['schedule']}, {o['scheduled']} "
+            f"arrivals in {o['timetable_s']} s), achieved {o['achieved_per_s']}/s "
+            f"({o['cycles']} cycles in {o['seconds']} s, {o['not_started']} not started)",
+            f"  latency from the scheduled start: p50 {lat['p50']}, p90 {lat['p90']}, "
+            f"p99 {lat['p99']}, max {lat['max']} ms; service (from the send) p50 "
+            f"{o['service_ms']['p50']}, p99 {o['service_ms']['p99']} ms",
+            checks(o),
+            cpu(o),
+        ]
+    lines.append(f"load average {r['load_average']}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="coreloop-load-") as tmp,
@@ -437,16 +785,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "CORELOOP_ENVIRONMENT": "development",
         }
         port = _free_port()
+        base_url = f"http://127.0.0.1:{port}"
         with _server(env, port, args.workers, serve=args.serve) as server:
-            run = _run_annotators(f"http://127.0.0.1:{port}", tokens, project_id, args, server.pid)
-        report = _report(
-            args, run.samples, run.seconds, _check_database(settings, project_id, args.overlap)
+            read_cpu = functools.partial(_read_cpu, server.pid, _local_pg_database(args.db, url))
+            closed = _run_annotators(base_url, tokens, project_id, args, read_cpu)
+            db_closed = _check_database(settings, project_id, args.overlap)
+            opened, db_opened = None, db_closed
+            if args.rate > 0:
+                opened = _run_open_loop(base_url, tokens, project_id, args, read_cpu)
+                db_opened = _check_database(settings, project_id, args.overlap)
+        report = _report(args, closed.samples, closed.seconds, db_closed)
+        report.update(_cpu_report(closed, report["cycles"]))
+        report["open_loop"] = (
+            None if opened is None else _open_report(args, opened, db_closed, db_opened)
         )
-        cycles = max(report["cycles"], 1)
-        report["cpu_ms_per_cycle"] = {
-            "server": round(1000 * run.server_cpu / cycles, 2),
-            "client": round(1000 * run.client_cpu / cycles, 2),
-        }
         report["load_average"] = round(os.getloadavg()[0], 2)
         return report
 
@@ -472,11 +824,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--items", type=int, default=20_000, help="queue items to label")
     parser.add_argument("--overlap", type=int, default=1)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="open loop after the closed one: offered cycles/s (default 100; 0 skips it)",
+    )
+    parser.add_argument(
+        "--open-seconds", type=float, default=10.0, help="the open loop's timetable (default 10)"
+    )
+    parser.add_argument(
+        "--poisson",
+        action="store_true",
+        help="open loop: Poisson arrivals (exponential gaps) instead of one every 1/rate s",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the Poisson arrivals")
+    args = parser.parse_args(argv)
+    if args.rate < 0 or args.open_seconds <= 0:
+        parser.error("--rate must be >= 0 and --open-seconds > 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(json.dumps(run(parse_args(argv))), flush=True)
+    report = run(parse_args(argv))
+    print(json.dumps(report), flush=True)
+    print(_summary(report), file=sys.stderr, flush=True)
     return 0
 
 

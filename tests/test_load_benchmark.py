@@ -1,0 +1,91 @@
+"""benchmarks/load.py runs end to end at a tiny size on SQLite: the closed loop, then the open
+loop, with its correctness checks and CPU per cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.load import _arrival_offsets, _latency_ms, _tree_cpu_seconds, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fixed_timetable_is_one_arrival_every_one_over_rate() -> None:
+    offsets = _arrival_offsets(20.0, 2.0, poisson=False)
+    assert len(offsets) == 40
+    assert offsets[0] == 0.0 and offsets[-1] == pytest.approx(1.95)
+    assert np.allclose(np.diff(offsets), 0.05)
+
+
+def test_poisson_timetable_is_seeded_and_has_the_rate() -> None:
+    offsets = _arrival_offsets(100.0, 50.0, poisson=True, seed=3)
+    assert offsets == _arrival_offsets(100.0, 50.0, poisson=True, seed=3)
+    assert offsets != _arrival_offsets(100.0, 50.0, poisson=True, seed=4)
+    assert all(0.0 <= t < 50.0 for t in offsets) and offsets == sorted(offsets)
+    assert len(offsets) == pytest.approx(5000, rel=0.05)
+    assert np.diff(offsets).std() == pytest.approx(0.01, rel=0.1)  # exponential: std = mean
+
+
+def test_latency_percentiles_are_ordered() -> None:
+    report = _latency_ms([0.001 * i for i in range(1, 101)])
+    assert report["n"] == 100 and report["max"] == 100.0
+    assert report["p50"] <= report["p90"] <= report["p99"] <= report["max"]
+    assert np.isnan(_latency_ms([])["p50"])
+
+
+def test_tree_cpu_counts_the_children() -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burn!r}])\n"
+    with subprocess.Popen([sys.executable, "-c", child]) as proc:
+        time.sleep(0.1)  # its child is alive (burning), not yet reaped
+        seen = 0.0
+        while proc.poll() is None:
+            seen = max(seen, _tree_cpu_seconds(proc.pid))
+            time.sleep(0.02)
+    assert seen >= 0.2
+
+
+def test_rate_zero_skips_the_open_loop_and_negative_is_refused() -> None:
+    assert parse_args(["--rate", "0"]).rate == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--rate", "-1"])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_tiny_run_reports_both_loops() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.load", "--db", "sqlite", "--annotators", "2"]
+    cmd += ["--seconds", "2", "--warmup", "0.5", "--items", "1000", "--workers", "1"]
+    cmd += ["--rate", "20", "--open-seconds", "2"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ)
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert report["cycles"] > 0 and report["errors"] == {}
+    assert report["double_leases"] == 0 and report["labels_lost"] == 0
+    assert report["cpu_ms_per_cycle"]["server"] > 0 and report["cpu_ms_per_cycle"]["client"] > 0
+    assert report["cpu_ms_per_cycle"]["db"] == "n/a"  # SQLite: in the server's processes
+    assert 0 < report["cpu_share_of_cores"]["server"] <= 1
+
+    loop = report["open_loop"]
+    assert loop["offered_per_s"] == 20 and loop["scheduled"] == 40
+    assert loop["errors"] == {} and loop["not_started"] == 0 and loop["cycles"] == 40
+    assert loop["achieved_per_s"] == pytest.approx(20, rel=0.25)
+    latency = loop["latency_ms"]
+    assert latency["n"] == 40
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert latency["p50"] >= loop["service_ms"]["p50"] * 0.99  # from the schedule: never less
+    assert loop["double_leases"] == 0 and loop["images_over_k_reads"] == 0
+    assert loop["images_read_twice_by_one"] == 0 and loop["labels_lost"] == 0
+    assert loop["cpu_ms_per_cycle"]["server"] > 0 and loop["cpu_ms_per_cycle"]["client"] > 0
+    assert "open loop: offered 20.0/s" in proc.stderr
