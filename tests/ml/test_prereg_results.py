@@ -41,3 +41,22 @@ def test_classification_endpoints_match_the_docs() -> None:
 def test_no_verdict_of_significance(arm: str) -> None:
     stat = primary_endpoint(read_rows(CLS), arm=arm).stat
     assert stat.p_t > 0.05 and stat.p_perm > 0.05
+
+
+SEG = ROOT / "docs" / "results" / "prereg-seg.csv"
+
+
+def test_segmentation_endpoint_matches_the_docs() -> None:
+    rows = read_rows(SEG)
+    assert len(rows) == 60
+    jaccard = primary_endpoint(rows, metric="jaccard")
+    assert jaccard.stat.n == 6 and sorted(jaccard.per_seed) == [10, 11, 12, 13, 14, 15]
+    cells = " | ".join(_pp(jaccard.per_seed[s]) for s in range(10, 16))
+    assert f"| Jaccard difference (pp) | {cells} |" in DOCS
+    s = jaccard.stat
+    assert (
+        f"**{_pp(s.mean)} [{_pp(s.low)}, {_pp(s.high)}]** | {s.p_t:.2f} | {s.p_perm:.3f} |" in DOCS
+    )
+    assert s.p_t > 0.05 and s.p_perm > 0.05  # "no difference shown"
+    dice = primary_endpoint(rows, metric="dice").stat
+    assert f"Dice, the same way (exploratory): {_pp(dice.mean)} pp [{_pp(dice.low)}, " in DOCS
