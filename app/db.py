@@ -129,6 +129,7 @@ class _WriterConnection(sqlite3.Connection):
 
 
 _POLL_SECONDS = 0.0005
+SQLITE_POOL_SIZE = 48
 
 
 def _begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float) -> None:
@@ -199,6 +200,11 @@ def make_engine(settings: Settings) -> Engine:
                 "timeout": settings.sqlite_busy_timeout_ms / 1000,
                 "factory": _WriterConnection,
             },
+            # Enough pooled connections for every request thread (anyio's 40) and the token
+            # cache: with SQLAlchemy's default (5 + 10 overflow) busy annotators opened and
+            # closed a connection (and its PRAGMAs) on most requests, or queued for one.
+            pool_size=SQLITE_POOL_SIZE,
+            max_overflow=SQLITE_POOL_SIZE,
         )
         _configure_sqlite(engine, settings.sqlite_busy_timeout_ms, _writer_lock(db_path))
         return engine

@@ -464,9 +464,13 @@ class Run:
 
     @property
     def db_cpu(self) -> float | None:
-        """CPU seconds of the local PostgreSQL server during the window; None if unmeasured."""
+        """CPU seconds of the local PostgreSQL server during the window; None if unmeasured, or
+        when backends that exited in the window make the sum go down (it misses them, so the
+        figure would be meaningless)."""
         start, end = self.cpu[0].db, self.cpu[1].db
-        return None if start is None or end is None else end - start
+        if start is None or end is None or end < start:
+            return None
+        return end - start
 
 
 def _run_annotators(
