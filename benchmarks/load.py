@@ -120,12 +120,6 @@ def _stat_cpu_seconds(fields: list[str], children: bool = True) -> float:
     )
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` and its waited-for children (Linux)."""
-    stat = _read_stat(pid)
-    return 0.0 if stat is None else _stat_cpu_seconds(stat[1])
-
-
 def _processes() -> dict[int, tuple[str, list[str]]]:
     """Every live process: its command name and its ``stat`` fields."""
     processes = {}
@@ -660,13 +654,43 @@ def _errors(samples: list[Sample]) -> dict[str, int]:
     return errors
 
 
+_NO_ROWS = {
+    "double_leases": 0,
+    "images_over_k_reads": 0,
+    "images_read_twice_by_one": 0,
+    "labels_in_db": 0,
+}
+
+
+def _phase_figures(
+    samples: list[Sample], posted: int, before: dict[str, int], after: dict[str, int]
+) -> dict[str, Any]:
+    """What both loops report: the latency of each call, the errors, and the checks, counted
+    on what the database gained during the phase (``before`` to ``after``)."""
+
+    def gained(key: str) -> int:
+        return after[key] - before[key]
+
+    return {
+        "queue_ms": _ms(_joined(samples, "queue")),
+        "label_ms": _ms(_joined(samples, "label")),
+        "errors": _errors(samples),
+        "empty_queue": sum(sample.empty_queue for sample in samples),
+        "double_leases": gained("double_leases"),
+        "images_over_k_reads": gained("images_over_k_reads"),
+        "images_read_twice_by_one": gained("images_read_twice_by_one"),
+        "labels_lost": posted - gained("labels_in_db"),
+    }
+
+
+def _joined(samples: list[Sample], name: str) -> list[float]:
+    return [value for sample in samples for value in getattr(sample, name)]
+
+
 def _report(
     args: argparse.Namespace, samples: list[Sample], elapsed: float, db: dict[str, int]
 ) -> dict[str, Any]:
-    def joined(name: str) -> list[float]:
-        return [value for sample in samples for value in getattr(sample, name)]
-
-    errors = _errors(samples)
+    cycles = _joined(samples, "cycle")
     posted = sum(sample.labels_posted + sample.warmup_labels for sample in samples)
     return {
         "db": args.db,
@@ -674,17 +698,10 @@ def _report(
         "server": "coreloop serve" if args.serve else "uvicorn",
         "workers": default_workers() if args.serve else args.workers,
         "seconds": round(elapsed, 2),
-        "cycles": len(joined("cycle")),
-        "cycles_per_s": round(len(joined("cycle")) / elapsed, 1),
-        "cycle_ms": _ms(joined("cycle")),
-        "queue_ms": _ms(joined("queue")),
-        "label_ms": _ms(joined("label")),
-        "errors": errors,
-        "empty_queue": sum(sample.empty_queue for sample in samples),
-        "double_leases": db["double_leases"],
-        "images_over_k_reads": db["images_over_k_reads"],
-        "images_read_twice_by_one": db["images_read_twice_by_one"],
-        "labels_lost": posted - db["labels_in_db"],
+        "cycles": len(cycles),
+        "cycles_per_s": round(len(cycles) / elapsed, 1),
+        "cycle_ms": _ms(cycles),
+        **_phase_figures(samples, posted, _NO_ROWS, db),
     }
 
 
@@ -692,11 +709,7 @@ def _open_report(
     args: argparse.Namespace, run: Run, before: dict[str, int], after: dict[str, int]
 ) -> dict[str, Any]:
     """The open loop's figures; its checks count what the database gained during it."""
-
-    def joined(name: str) -> list[float]:
-        return [value for sample in run.samples for value in getattr(sample, name)]
-
-    cycles = len(joined("from_schedule"))
+    cycles = len(_joined(run.samples, "from_schedule"))
     posted = sum(sample.labels_posted for sample in run.samples)
     return {
         "offered_per_s": args.rate,
@@ -706,19 +719,10 @@ def _open_report(
         "scheduled": len(_arrival_offsets(args.rate, args.open_seconds, args.poisson, args.seed)),
         "cycles": cycles,
         "achieved_per_s": round(cycles / max(args.open_seconds, run.seconds), 1),
-        "latency_ms": _latency_ms(joined("from_schedule")),
-        "service_ms": _ms(joined("cycle")),
-        "queue_ms": _ms(joined("queue")),
-        "label_ms": _ms(joined("label")),
-        "errors": _errors(run.samples),
-        "empty_queue": sum(sample.empty_queue for sample in run.samples),
+        "latency_ms": _latency_ms(_joined(run.samples, "from_schedule")),
+        "service_ms": _ms(_joined(run.samples, "cycle")),
         "not_started": sum(sample.not_started for sample in run.samples),
-        "double_leases": after["double_leases"] - before["double_leases"],
-        "images_over_k_reads": after["images_over_k_reads"] - before["images_over_k_reads"],
-        "images_read_twice_by_one": (
-            after["images_read_twice_by_one"] - before["images_read_twice_by_one"]
-        ),
-        "labels_lost": posted - (after["labels_in_db"] - before["labels_in_db"]),
+        **_phase_figures(run.samples, posted, before, after),
         **_cpu_report(run, cycles),
     }
 

@@ -106,7 +106,8 @@ class LabelKind(ABC):
 
     @abstractmethod
     def checked_classes(self, classes: list[str] | None) -> list[str]:
-        """A new project's classes, checked (and defaulted) for this kind."""
+        """A new project's classes, checked (and defaulted) for this kind; the project service
+        turns its ``InvalidInput`` into ``InvalidProjectConfig``."""
 
     @abstractmethod
     def content(self, submitted: Submission) -> Content:

@@ -26,16 +26,11 @@ class Classification(LabelKind):
 
     def checked_classes(self, classes: list[str] | None) -> list[str]:
         if not classes or len(classes) < 2:
-            raise InvalidInput(
-                "A classification project needs at least 2 classes.", code="InvalidProjectConfig"
-            )
+            raise InvalidInput("A classification project needs at least 2 classes.")
         seen: set[str] = set()
         for name in classes:
             if name.casefold() in seen:
-                raise InvalidInput(
-                    f"Class {name!r} is listed twice; class names are unique.",
-                    code="InvalidProjectConfig",
-                )
+                raise InvalidInput(f"Class {name!r} is listed twice; class names are unique.")
             seen.add(name.casefold())
         return classes
 

@@ -22,8 +22,7 @@ class Segmentation(LabelKind):
         classes = classes or list(DEFAULT_CLASSES)
         if len(classes) != 1:
             raise InvalidInput(
-                "A segmentation project has one foreground class (masks are binary).",
-                code="InvalidProjectConfig",
+                "A segmentation project has one foreground class (masks are binary)."
             )
         return classes
 
