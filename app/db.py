@@ -14,7 +14,9 @@ Writers of different processes (the worker, more API workers) meet at the databa
 ``BEGIN IMMEDIATE`` is tried again every 0.5 ms (not SQLite's busy handler, whose sleeps grow
 to 100 ms), one thread per process at a time.
 A connection with the execution option ``read_only=True`` starts a plain (deferred) ``BEGIN``
-instead: a snapshot read that neither takes nor waits for the write lock.
+instead: a snapshot read that neither takes nor waits for the write lock. One with
+``no_wait=True`` (:data:`NO_WAIT`) waits for nothing: it raises :class:`WriterBusy` when
+another thread or process holds the write lock (see :func:`try_unit_of_work_now`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine.url import make_url
@@ -72,6 +74,14 @@ class WriterLock:
             except ValueError:
                 return True  # handed over between the timeout and now
         return False
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (nobody holds it or waits for it); never waits."""
+        with self._mutex:
+            if self._held:
+                return False
+            self._held = True
+            return True
 
     def release(self) -> None:
         with self._mutex:
@@ -128,12 +138,29 @@ class _WriterConnection(sqlite3.Connection):
                 self.writer_lock.release()
 
 
+class WriterBusy(Exception):
+    """SQLite: the write lock is held by another transaction, and the caller would not wait
+    (for another thread of this process) or not longer than :data:`LOOP_WAIT_SECONDS` (for
+    another process)."""
+
+    def __init__(self, message: str, *, other_process: bool) -> None:
+        super().__init__(message)
+        self.other_process = other_process
+
+
+# Execution option of a transaction begun on the event loop: take the write lock at once, or
+# within LOOP_WAIT_SECONDS when another process holds it, or raise WriterBusy.
+NO_WAIT = {"no_wait": True}
+# Other processes' transactions on the hot path hold the lock for a few milliseconds.
+LOOP_WAIT_SECONDS = 0.02
+
 _POLL_SECONDS = 0.0005
 SQLITE_POOL_SIZE = 48
 
 
-def _begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float) -> None:
-    """``BEGIN IMMEDIATE``, tried again every 0.5 ms while another process writes.
+def _try_begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float) -> bool:
+    """``BEGIN IMMEDIATE``, tried again every 0.5 ms while another process writes, until
+    ``deadline``: False if the lock was still taken then.
 
     SQLite's own busy handler sleeps up to 100 ms between tries, so a writer of another
     process (the worker, another API worker) would go on waiting long after the lock is free.
@@ -143,10 +170,12 @@ def _begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float) -> 
         while True:
             try:
                 dbapi_conn.execute("BEGIN IMMEDIATE")
-                return
+                return True
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                if "locked" not in str(exc):
                     raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(_POLL_SECONDS)
     finally:
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
@@ -170,20 +199,33 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, lock: WriterLock) ->
             conn.exec_driver_sql("BEGIN")
             return
         dbapi_conn = conn.connection.dbapi_connection
-        deadline = time.monotonic() + busy_timeout_ms / 1000  # for both waits together
-        if not lock.acquire(timeout=busy_timeout_ms / 1000):
+        on_loop = conn.get_execution_options().get("no_wait")
+        if on_loop:
+            # Never wait for a thread of this process: it may need the event loop to finish.
+            if not lock.try_acquire():
+                raise WriterBusy("another thread of this process writes", other_process=False)
+            deadline = time.monotonic() + LOOP_WAIT_SECONDS
+        else:
+            deadline = time.monotonic() + busy_timeout_ms / 1000  # for both waits together
+            if not lock.acquire(timeout=busy_timeout_ms / 1000):
+                raise OperationalError(
+                    "BEGIN IMMEDIATE",
+                    None,
+                    sqlite3.OperationalError("database is locked (writer queue of this process)"),
+                )
+        began = False
+        try:
+            began = _try_begin_immediate(dbapi_conn, busy_timeout_ms, deadline)
+        finally:
+            if not began:
+                lock.release()
+        if not began:
+            if on_loop:
+                raise WriterBusy("another process writes", other_process=True)
             raise OperationalError(
-                "BEGIN IMMEDIATE",
-                None,
-                sqlite3.OperationalError("database is locked (writer queue of this process)"),
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
             )
         dbapi_conn.holds_writer_lock = True
-        try:
-            _begin_immediate(dbapi_conn, busy_timeout_ms, deadline)
-        except BaseException:
-            dbapi_conn.holds_writer_lock = False
-            lock.release()
-            raise
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -234,14 +276,45 @@ def call_after_commit(session: Session, callback: AfterCommit) -> None:
 def commit(session: Session) -> None:
     """Commit, then run the after-commit callbacks. Only for the request/task boundary."""
     session.commit()
-    callbacks: list[AfterCommit] = session.info.pop("after_commit", [])
-    for callback in callbacks:
-        callback()
+    run_callbacks(session.info.pop("after_commit", []))
 
 
 def rollback(session: Session) -> None:
     session.info.pop("after_commit", None)
     session.rollback()
+
+
+T = TypeVar("T")
+
+
+def try_unit_of_work_now(
+    factory: sessionmaker[Session], work: Callable[[Session], T]
+) -> tuple[T, list[AfterCommit]]:
+    """``work(session)`` and the commit, if the write lock can be had (almost) at once.
+
+    SQLite only, for a caller that must not block long (the event loop): it takes the write
+    lock as :data:`NO_WAIT` says, or raises :class:`WriterBusy` before ``work`` runs (nothing
+    done). Returns ``work``'s result and the after-commit callbacks, *not run*: the caller runs
+    them where blocking is allowed (they send jobs to the broker).
+    """
+    session = factory()
+    try:
+        session.connection(execution_options=NO_WAIT)
+        result = work(session)
+        callbacks: list[AfterCommit] = session.info.pop("after_commit", [])
+        session.commit()
+        return result, callbacks
+    except BaseException:
+        rollback(session)
+        raise
+    finally:
+        session.close()
+
+
+def run_callbacks(callbacks: list[AfterCommit]) -> None:
+    """Run after-commit callbacks that :func:`try_unit_of_work_now` handed back."""
+    for callback in callbacks:
+        callback()
 
 
 @contextmanager
