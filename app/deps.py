@@ -5,13 +5,15 @@ after-commit callbacks such as sending a job) runs when the path function return
 *before* the response is sent, so a client never sees a success that did not commit.
 
 The hot paths (GET /queue, POST /labels) use :func:`in_unit_of_work` instead: the whole
-transaction, from the first statement to the commit and its callbacks, in ONE worker-thread
-step. With ``SessionDep`` a transaction spans several thread-pool hops (dependency, path
-function, response validation, dependency exit), each a trip through the busy event loop, and
-on SQLite the database's write lock is held across all of them.
+transaction, from the first statement to the commit, in ONE step: on the event loop on SQLite
+when the write lock is free, else in one worker thread. With ``SessionDep`` a transaction spans
+several thread-pool hops (dependency, path function, response validation, dependency exit),
+each a trip through the busy event loop, and on SQLite the database's write lock is held across
+all of them.
 
 The caller is resolved without the request's session (so authenticating takes no write lock)
-and cached for :data:`AUTH_CACHE_TTL_SECONDS` (see :class:`AuthCache`).
+and cached for :data:`AUTH_CACHE_TTL_SECONDS` (see :class:`AuthCache`); on SQLite a miss reads
+on the event loop (a snapshot read waits for no lock), elsewhere in a worker thread.
 """
 
 from __future__ import annotations
@@ -197,7 +199,11 @@ async def user_for_token(request: Request, token: str) -> User:
     cache = auth_cache(request)
     user = cache.get(token_hash)
     if user is None:
-        user = await anyio.to_thread.run_sync(cache.load, token_hash)
+        if _writes_on_the_loop(request.app.state.sessions):
+            # SQLite: a snapshot read of one row by its index, which waits for no lock (WAL).
+            user = cache.load(token_hash)
+        else:
+            user = await anyio.to_thread.run_sync(cache.load, token_hash)
     if user is None:
         raise Unauthorized("The token is not valid; ask an admin for a new one.")
     expires = user.token_expires_at

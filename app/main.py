@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -62,6 +63,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         if migrate:
             upgrade(engine)
         await anyio.to_thread.run_sync(_sweep_storage, app)
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
         yield
         engine.dispose()
 

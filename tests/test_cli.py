@@ -160,16 +160,21 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     assert "usage:" in capsys.readouterr().err
 
 
-def test_serve_upgrades_then_runs_uvicorn(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_upgrades_then_runs_uvicorn(
+    env: Path, db_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import uvicorn
 
     calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append((a, kw)))
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--no-worker"]) == 0
-    expected = {"factory": True, "host": "0.0.0.0", "port": 8123, "workers": default_workers(),
+    # One process on SQLite (one writer at a time), one per core on PostgreSQL.
+    workers = default_workers(sqlite=db_kind == "sqlite")
+    expected = {"factory": True, "host": "0.0.0.0", "port": 8123, "workers": workers,
                 "access_log": False}  # fmt: skip
     assert calls == [(("app.main:create_app",), expected)]
-    assert 1 <= default_workers() <= min(8, os.cpu_count() or 1)
+    assert default_workers(sqlite=True) == 1
+    assert 1 <= default_workers(sqlite=False) <= min(8, os.cpu_count() or 1)
     assert main(["serve", "--no-worker", "--workers", "3", "--access-log"]) == 0
     assert calls[-1][1] | {"host": "0.0.0.0", "port": 8123} == {**expected, "workers": 3,
                                                                  "access_log": True}  # fmt: skip

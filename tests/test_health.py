@@ -1,4 +1,10 @@
+import gc
+from pathlib import Path
+
 from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
 
 
 def test_health_and_ready(client: TestClient, db_kind: str) -> None:
@@ -12,3 +18,18 @@ def test_unknown_path_uses_the_error_envelope(client: TestClient) -> None:
     response = client.get("/nope")
     assert response.status_code == 404
     assert response.json()["error"] == "NotFound"
+
+
+def test_start_up_freezes_the_objects_alive_then(tmp_path: Path) -> None:
+    """``gc_freeze`` (the default outside the tests): once started, the app's modules and
+    schema are out of the garbage collector's sight, so full collections stay short."""
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'gc.sqlite'}", gc_freeze=True
+    )
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/health").status_code == 200
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

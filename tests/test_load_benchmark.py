@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.load import _arrival_offsets, _latency_ms, _tree_cpu_seconds, parse_args
+from benchmarks.load import (
+    _arrival_offsets,
+    _latency_ms,
+    _serve_command,
+    _tree_cpu_seconds,
+    parse_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +63,13 @@ def test_rate_zero_skips_the_open_loop_and_negative_is_refused() -> None:
     assert parse_args(["--rate", "0"]).rate == 0
     with pytest.raises(SystemExit):
         parse_args(["--rate", "-1"])
+
+
+def test_serve_takes_its_own_process_count_unless_workers_is_given() -> None:
+    assert "--workers" not in _serve_command(8000)
+    assert _serve_command(8000, 1)[-2:] == ["--workers", "1"]
+    assert parse_args([]).workers is None
+    assert parse_args(["--serve", "--workers", "3"]).workers == 3
 
 
 @pytest.mark.e2e

@@ -12,13 +12,13 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
-import anyio
 import pytest
+from anyio.from_thread import start_blocking_portal
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import State
@@ -35,7 +35,10 @@ from app.db import (
 )
 from app.migrate import upgrade
 from app.models import User
+from app.security import hash_token
 from app.settings import Settings
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -83,11 +86,18 @@ def _users(engine: Engine) -> int:
         return int(conn.scalar(select(func.count()).select_from(User)) or 0)
 
 
+def _on_a_loop(main: Callable[[], Awaitable[T]]) -> T:
+    """``main()`` on an event loop of its own thread (not the test's, where an earlier test
+    may have left a loop marked running)."""
+    with start_blocking_portal() as portal:
+        return portal.call(main)
+
+
 def _run(request: Any, work: Work) -> str:
     async def main() -> str:
         return await deps.in_unit_of_work(request, work)
 
-    return anyio.run(main)
+    return _on_a_loop(main)
 
 
 def test_a_free_lock_runs_the_work_on_the_loop_and_the_callbacks_in_a_thread(
@@ -199,7 +209,7 @@ def test_work_that_raises_on_the_loop_is_rolled_back_and_frees_the_lock(
         await deps.in_unit_of_work(request, failing)
 
     with pytest.raises(ValueError, match="refused"):
-        anyio.run(main)
+        _on_a_loop(main)
     assert _users(engine) == 0
     work = Work("next")
     _run(request, work)
@@ -217,3 +227,35 @@ def test_a_session_on_a_test_connection_always_uses_a_thread(
         work = Work("joined")
         _run(_request(sessions), work)
         assert work.ran_on_loop is False
+
+
+def test_a_token_cache_miss_reads_on_the_loop_on_sqlite(
+    sqlite_file: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miss is a snapshot read of one row, which waits for no lock in WAL mode: no thread hop,
+    even while another process holds the write lock."""
+    engine, path = sqlite_file
+    sessions = make_sessionmaker(engine)
+    with unit_of_work(sessions) as session:
+        session.add(User(name="reader", role="annotator", token_hash=hash_token("cl_tok")))
+    loads: list[bool] = []
+    load = deps.AuthCache.load
+
+    def recording(self: deps.AuthCache, token_hash: str) -> User | None:
+        loads.append(_on_loop())
+        return load(self, token_hash)
+
+    monkeypatch.setattr(deps.AuthCache, "load", recording)
+    request = _request(sessions)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+
+        async def main() -> User:
+            return await deps.user_for_token(request, "cl_tok")
+
+        assert _on_a_loop(main).name == "reader"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert loads == [True]

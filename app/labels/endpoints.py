@@ -155,7 +155,7 @@ async def create_label(
             labels_service.prepare_submitted_mask, sessions, data, mask_png
         )
 
-    # The hot path: the transaction in one worker-thread step (see app.deps.in_unit_of_work).
+    # The hot path: the transaction in one step, on the loop or a thread (app.deps.in_unit_of_work).
     def work(session: Session) -> tuple[LabelOut, bool]:
         return labels_service.submit_label(
             session, settings, storage, user, data, mask_png, mask=mask

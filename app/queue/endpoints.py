@@ -25,7 +25,7 @@ async def get_queue(
 
     ``limit`` is capped by the server's ``queue_max_limit``.
     """
-    # The hot path: the transaction in one worker-thread step (see app.deps.in_unit_of_work).
+    # The hot path: the transaction in one step, on the loop or a thread (app.deps.in_unit_of_work).
     return await in_unit_of_work(
         request,
         lambda session: queue_service.lease_next_items(session, settings, user, project_id, limit),
