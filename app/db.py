@@ -297,18 +297,12 @@ def try_unit_of_work_now(
     done). Returns ``work``'s result and the after-commit callbacks, *not run*: the caller runs
     them where blocking is allowed (they send jobs to the broker).
     """
-    session = factory()
-    try:
+    with unit_of_work(factory) as session:
         session.connection(execution_options=NO_WAIT)
         result = work(session)
+        # Taken before unit_of_work commits, so that its commit runs none of them.
         callbacks: list[AfterCommit] = session.info.pop("after_commit", [])
-        session.commit()
-        return result, callbacks
-    except BaseException:
-        rollback(session)
-        raise
-    finally:
-        session.close()
+    return result, callbacks
 
 
 def run_callbacks(callbacks: list[AfterCommit]) -> None:

@@ -84,11 +84,12 @@ async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
     runs right here on the event loop (:func:`app.db.try_unit_of_work_now`): SQLite takes one
     writer at a time anyway, its statements are fast local calls, and handing each transaction
     to a worker thread and back cost more CPU than the transaction (load benchmark, 1 process,
-    32 annotators: 4.2-4.4 against 5.9-7.0 CPU ms per cycle). Only its after-commit callbacks
-    (jobs sent to the broker) go to a thread. When another thread or process holds the lock,
-    and on PostgreSQL (whose statements wait on the network and on row locks), the work goes
-    to a worker thread as one step, from its first statement to the commit, at most
-    ``MAX_CONCURRENT_SESSIONS`` at once per process, so no transaction waits for a thread.
+    32 annotators: 4.0-4.9 against 5.9-7.1 CPU ms per cycle; README, Figures). Only its
+    after-commit callbacks (jobs sent to the broker) go to a thread. When another thread or
+    process holds the lock, and on PostgreSQL (whose statements wait on the network and on row
+    locks), the work goes to a worker thread as one step, from its first statement to the
+    commit, at most ``MAX_CONCURRENT_SESSIONS`` at once per process, so no transaction waits
+    for a thread.
     """
     state = request.app.state
     if _writes_on_the_loop(state.sessions) and time.monotonic() >= getattr(

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
 
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     # After start-up, hide the objects alive then (modules, the schema, the routes) from the
-    # garbage collector (gc.freeze): a full collection then scans only what requests made, and
-    # stops pausing the API for 75-95 ms now and then (3 ms measured instead).
+    # garbage collector (gc.freeze): a full collection then scans only what requests made
+    # (under load: 3.4 ms, against 76-96 ms without; every request waits for it).
     gc_freeze: bool = True
 
     # Outgoing webhooks may reach loopback, private and link-local addresses (a trusted

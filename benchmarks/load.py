@@ -313,6 +313,14 @@ def _populate(settings: Settings, args: argparse.Namespace) -> tuple[int, list[s
 DEFAULT_UVICORN_WORKERS = 2
 
 
+def _api_processes(args: argparse.Namespace) -> int:
+    """The API processes the benchmark's server runs: ``--workers``, else ``coreloop serve``'s
+    own choice (``--serve``) or uvicorn's default here."""
+    if args.workers:
+        return int(args.workers)
+    return default_workers(args.db == "sqlite") if args.serve else DEFAULT_UVICORN_WORKERS
+
+
 def _serve_command(port: int, workers: int | None = None) -> list[str]:
     """``coreloop serve`` as the README starts it: its default processes (or ``workers``), no
     access log, and the embedded worker (idle here)."""
@@ -325,6 +333,8 @@ def _serve_command(port: int, workers: int | None = None) -> list[str]:
 def _server(
     env: dict[str, str], port: int, workers: int | None, serve: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """uvicorn with ``workers`` processes, or ``coreloop serve`` (``workers`` None: as the
+    README starts it)."""
     command = (
         _serve_command(port, workers)
         if serve
@@ -339,7 +349,7 @@ def _server(
             "--port",
             str(port),
             "--workers",
-            str(workers or DEFAULT_UVICORN_WORKERS),
+            str(workers),
             "--no-access-log",
             "--log-level",
             "warning",
@@ -576,7 +586,7 @@ def _run_open_loop(
 @contextmanager
 def _without_gc_pauses() -> Iterator[None]:
     """No garbage collection in this (the client's) process while a phase runs: its pauses
-    (up to 130 ms seen for a full collection, with 32 annotator threads waiting) would count
+    (up to 132 ms seen for a full collection, with 32 annotator threads waiting) would count
     as the server's latency. What a phase allocates is freed by reference counting; the
     cycles it leaves wait for the collection at its end."""
     gc.collect()
@@ -718,8 +728,7 @@ def _report(
         "db": args.db,
         "annotators": args.annotators,
         "server": "coreloop serve" if args.serve else "uvicorn",
-        "workers": args.workers
-        or (default_workers(args.db == "sqlite") if args.serve else DEFAULT_UVICORN_WORKERS),
+        "workers": _api_processes(args),
         "seconds": round(elapsed, 2),
         "cycles": len(cycles),
         "cycles_per_s": round(len(cycles) / elapsed, 1),
@@ -817,7 +826,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
-        with _server(env, port, args.workers, serve=args.serve) as server:
+        workers = args.workers if args.serve else _api_processes(args)
+        with _server(env, port, workers, serve=args.serve) as server:
             read_cpu = functools.partial(_read_cpu, server.pid, _local_pg_database(args.db, url))
             with _without_gc_pauses():
                 closed = _run_annotators(base_url, tokens, project_id, args, read_cpu)
