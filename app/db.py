@@ -13,6 +13,9 @@ polls in SQLite's busy handler (sleeps of up to 100 ms) and some starve for seco
 Writers of different processes (the worker, more API workers) meet at the database lock:
 ``BEGIN IMMEDIATE`` is tried again every 0.5 ms (not SQLite's busy handler, whose sleeps grow
 to 100 ms), one thread per process at a time.
+On PostgreSQL the API's hot paths run their transactions on the event loop through psycopg's
+asyncio connections (:func:`make_async_engine`, :func:`unit_of_work_async`): a statement's
+round trip or a row-lock wait suspends the request, not a thread.
 A connection with the execution option ``read_only=True`` starts a plain (deferred) ``BEGIN``
 instead: a snapshot read that neither takes nor waits for the write lock. One with
 ``no_wait=True`` (:data:`NO_WAIT`) waits for nothing: it raises :class:`WriterBusy` when
@@ -33,6 +36,12 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
@@ -257,6 +266,34 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
 
 
+# Connections of one API process's event loop (PostgreSQL), kept open: a request beyond this
+# many waits for one on the loop (no thread held). No overflow: under load, overflow connections
+# were opened and closed all the time, each a new PostgreSQL backend (a fork).
+ASYNC_POOL_SIZE = 10
+
+
+def make_async_engine(engine: Engine) -> AsyncEngine | None:
+    """PostgreSQL: an asyncio engine on ``engine``'s database (psycopg's async connections),
+    for transactions run on the event loop (:func:`unit_of_work_async`); None on SQLite, whose
+    transactions on the loop need no driver of their own (:func:`try_unit_of_work_now`).
+
+    Its connections belong to the event loop that opened them: create it on the loop that will
+    use it (the API's lifespan) and dispose of it there.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    return create_async_engine(
+        engine.url,
+        pool_pre_ping=True,
+        pool_size=ASYNC_POOL_SIZE,
+        max_overflow=0,
+    )
+
+
+def make_async_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
 AfterCommit = Callable[[], None]
 
 
@@ -305,8 +342,33 @@ def try_unit_of_work_now(
     return result, callbacks
 
 
+async def unit_of_work_async(
+    factory: async_sessionmaker[AsyncSession], work: Callable[[Session], T]
+) -> tuple[T, list[AfterCommit]]:
+    """``work(session)`` and the commit on the event loop, with an asyncio driver (PostgreSQL).
+
+    ``work`` is the same synchronous code as anywhere else: SQLAlchemy runs it in a greenlet
+    and each statement's round trip (or row-lock wait) suspends only this request. Rolled back
+    if ``work`` or the commit raises. Returns ``work``'s result and the after-commit callbacks,
+    *not run*, as :func:`try_unit_of_work_now` does.
+    """
+    async with factory() as session:
+        info = session.sync_session.info
+        try:
+            result = await session.run_sync(work)
+            # Taken before the commit: the caller runs them once it has succeeded.
+            callbacks: list[AfterCommit] = info.pop("after_commit", [])
+            await session.commit()
+        except BaseException:
+            info.pop("after_commit", None)
+            await session.rollback()
+            raise
+    return result, callbacks
+
+
 def run_callbacks(callbacks: list[AfterCommit]) -> None:
-    """Run after-commit callbacks that :func:`try_unit_of_work_now` handed back."""
+    """Run after-commit callbacks that :func:`try_unit_of_work_now` or
+    :func:`unit_of_work_async` handed back."""
     for callback in callbacks:
         callback()
 

@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from sqlalchemy import Engine
 
-from app.db import make_engine, make_sessionmaker
+from app.db import make_async_engine, make_async_sessionmaker, make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.gate import RequestGate
 from app.labels.masks import sweep_orphan_files
@@ -63,11 +64,22 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         if migrate:
             upgrade(engine)
         await anyio.to_thread.run_sync(_sweep_storage, app)
+        # PostgreSQL: the hot paths' transactions on this loop (app.deps.in_unit_of_work), on
+        # the database of the sessions' engine (none when a test bound them to a connection).
+        bind = app.state.sessions.kw.get("bind")
+        async_engine = make_async_engine(bind) if isinstance(bind, Engine) else None
+        if async_engine is not None:
+            app.state.async_sessions = make_async_sessionmaker(async_engine)
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
-        yield
-        engine.dispose()
+        try:
+            yield
+        finally:
+            if async_engine is not None:
+                del app.state.async_sessions
+                await async_engine.dispose()
+            engine.dispose()
 
     app = FastAPI(title="coreloop", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

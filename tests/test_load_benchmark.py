@@ -76,7 +76,8 @@ def test_serve_takes_its_own_process_count_unless_workers_is_given() -> None:
 @pytest.mark.slow
 def test_tiny_run_reports_both_loops() -> None:
     cmd = [sys.executable, "-m", "benchmarks.load", "--db", "sqlite", "--annotators", "2"]
-    cmd += ["--seconds", "2", "--warmup", "0.5", "--items", "1000", "--workers", "1"]
+    # Enough items for a fast machine: 1,000 ran out before the open loop (2026-12-07).
+    cmd += ["--seconds", "2", "--warmup", "0.5", "--items", "5000", "--workers", "1"]
     cmd += ["--rate", "20", "--open-seconds", "2"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ)

@@ -1,0 +1,197 @@
+"""On PostgreSQL the hot paths' transactions run on the event loop through psycopg's asyncio
+connections (``app.deps.in_unit_of_work``, ``app.db.unit_of_work_async``): the same synchronous
+service code, each statement's round trip and each row-lock wait suspending the request only.
+
+Each test drives ``in_unit_of_work`` on a fresh PostgreSQL database with an asyncio engine made
+on the test's own loop (its connections belong to that loop), as the API's lifespan does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pytest
+from anyio.from_thread import start_blocking_portal
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import deps
+from app.db import (
+    make_async_engine,
+    make_async_sessionmaker,
+    make_engine,
+    make_sessionmaker,
+    unit_of_work,
+)
+from app.main import create_app
+from app.migrate import upgrade
+from app.models import User
+from app.settings import Settings
+from tests.conftest import create_pg_database
+from tests.test_loop_writes import Work
+
+pytestmark = pytest.mark.postgres
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def pg_engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(Settings(data_dir=tmp_path, database_url=create_pg_database()))
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _users(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(User)) or 0)
+
+
+def _with_async_sessions(engine: Engine, main: Callable[[Any], Awaitable[T]]) -> T:
+    """``main(request)`` on a loop of its own thread, the request's app holding the sessions of
+    ``engine`` and an asyncio engine made (and disposed of) on that loop."""
+
+    async def run() -> T:
+        async_engine = make_async_engine(engine)
+        assert async_engine is not None
+        state = SimpleNamespace(
+            sessions=make_sessionmaker(engine),
+            async_sessions=make_async_sessionmaker(async_engine),
+        )
+        try:
+            return await main(SimpleNamespace(app=SimpleNamespace(state=state)))
+        finally:
+            await async_engine.dispose()
+
+    with start_blocking_portal() as portal:
+        return portal.call(run)
+
+
+def test_the_work_runs_on_the_loop_and_its_callbacks_in_a_thread_after_the_commit(
+    pg_engine: Engine,
+) -> None:
+    work = Work("on-loop")
+    seen_by_callback: list[int] = []
+    work_callback = work._callback
+
+    def callback() -> None:  # the row is committed by the time a job is sent
+        seen_by_callback.append(_users(pg_engine))
+        work_callback()
+
+    work._callback = callback  # type: ignore[method-assign]
+
+    async def main(request: Any) -> str:
+        return await deps.in_unit_of_work(request, work)
+
+    assert _with_async_sessions(pg_engine, main) == "on-loop"
+    assert work.ran_on_loop is True
+    assert work.callback_on_loop is False
+    assert seen_by_callback == [1]
+    assert _users(pg_engine) == 1
+
+
+def test_work_that_raises_is_rolled_back_and_its_callbacks_dropped(pg_engine: Engine) -> None:
+    work = Work("lost")
+
+    def failing(session: Session) -> None:
+        work(session)
+        raise ValueError("refused")
+
+    async def main(request: Any) -> None:
+        with pytest.raises(ValueError, match="refused"):
+            await deps.in_unit_of_work(request, failing)
+        # The connection went back to the pool clean: the next transaction works.
+        await deps.in_unit_of_work(request, Work("next"))
+
+    _with_async_sessions(pg_engine, main)
+    assert work.callback_on_loop is None  # never run
+    with pg_engine.connect() as conn:
+        assert conn.scalars(select(User.name)).all() == ["next"]
+
+
+def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
+    """A transaction waiting for a row lock held elsewhere suspends only its own request: the
+    loop goes on serving others meanwhile, and the waiter goes on once the lock is released."""
+    sessions = make_sessionmaker(pg_engine)
+    with unit_of_work(sessions) as session:
+        session.add(User(name="contended", role="annotator", token_hash="contended"))
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pg_engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM users WHERE name = 'contended' FOR UPDATE"))
+            holding.set()
+            release.wait(10)
+
+    def locking(session: Session) -> str:
+        session.execute(text("SELECT id FROM users WHERE name = 'contended' FOR UPDATE"))
+        return "locked"
+
+    async def main(request: Any) -> tuple[str, int, float]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        try:
+            result = await deps.in_unit_of_work(request, locking)
+        finally:
+            tick_task.cancel()
+        return result, ticks, time.monotonic() - started
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        result, ticks, waited = _with_async_sessions(pg_engine, main)
+    finally:
+        release.set()
+        thread.join()
+    assert result == "locked"
+    assert waited >= 0.45  # it did wait for the lock
+    assert ticks >= 20  # ...while the loop went on: 10-ms ticks through the 0.5-s wait
+
+
+def test_the_lifespan_makes_the_asyncio_engine_on_postgresql_only(
+    pg_engine: Engine, tmp_path: Path
+) -> None:
+    url = pg_engine.url.render_as_string(hide_password=False)
+    app = create_app(Settings(data_dir=tmp_path / "pg", database_url=url), migrate=False)
+    assert not hasattr(app.state, "async_sessions")  # made on the serving loop, not before
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        assert app.state.async_sessions is not None
+    assert not hasattr(app.state, "async_sessions")  # disposed of with the loop
+    sqlite = create_app(
+        Settings(data_dir=tmp_path / "lite", database_url=f"sqlite:///{tmp_path / 'l.sqlite'}")
+    )
+    with TestClient(sqlite):
+        assert not hasattr(sqlite.state, "async_sessions")
+
+
+def test_a_session_on_a_test_connection_keeps_the_threaded_path(pg_engine: Engine) -> None:
+    """The API tests bind sessions to a connection (savepoints): no asyncio engine there."""
+    with pg_engine.connect() as conn:
+        joined = sessionmaker(bind=conn, join_transaction_mode="create_savepoint")
+        work = Work("joined")
+
+        async def main(request: Any) -> str:
+            request.app.state.sessions = joined
+            return await deps.in_unit_of_work(request, work)
+
+        _with_async_sessions(pg_engine, main)
+        assert work.ran_on_loop is False
