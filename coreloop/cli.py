@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -120,17 +121,38 @@ def _run_serve(args: argparse.Namespace) -> int:
         _say(f"started the embedded worker (pid {worker.pid}, nice {EMBEDDED_WORKER_NICE})")
     workers = args.workers or default_workers(settings.is_sqlite)
     _say(f"serving on http://{args.host}:{args.port} with {workers} API process(es)")
+    # With one process, uvicorn shuts down on SIGTERM and then raises the signal again with
+    # the handler it found: with the default one, this process would die there, before the
+    # finally below stops the worker (which would go on alone until it noticed). This handler
+    # turns that second SIGTERM into an exception; the signal is raised once the worker is
+    # stopped, so that whoever sent it still sees this process end by it.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) or signal.SIG_DFL
+    terminated = False
     try:
         uvicorn.run(
             "app.main:create_app", factory=True, host=args.host, port=args.port,
             workers=workers, access_log=args.access_log,
         )  # fmt: skip
+    except _Terminated:
+        terminated = True
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: stop the worker anyway
         if worker is not None:
             from worker.embedded import stop_worker
 
             stop_worker(worker)
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)
     return EXIT_OK
+
+
+class _Terminated(Exception):
+    """SIGTERM reached ``coreloop serve`` outside uvicorn's own handler."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 # -- db ----------------------------------------------------------------------------------------

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
@@ -299,3 +305,53 @@ def _image_row(session: Any, project: Any, i: int) -> int:
     session.add(image)
     session.flush()
     return int(image.id)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}").exists() else ""
+    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_stops_the_embedded_worker_before_serve_exits(tmp_path: Path) -> None:
+    """One API process: uvicorn raises SIGTERM again after its shutdown; serve must still stop
+    its worker first (docker stop, systemd), and then end by the signal."""
+    port = _free_port()
+    env = {**os.environ, "CORELOOP_DATA_DIR": str(tmp_path / "data")}
+    env["CORELOOP_DATABASE_URL"] = f"sqlite:///{tmp_path / 'serve.sqlite'}"
+    log = (tmp_path / "serve.log").open("w+")
+    command = [sys.executable, "-m", "coreloop.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        worker_pid = None
+        while time.monotonic() < deadline:
+            text = (tmp_path / "serve.log").read_text()
+            found = re.search(r"started the embedded worker \(pid (\d+)", text)
+            worker_pid = int(found.group(1)) if found else None
+            if worker_pid and "celery@" in text and "ready." in text:
+                break
+            assert process.poll() is None, text
+            time.sleep(0.2)
+        assert worker_pid is not None and _alive(worker_pid)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        assert not _alive(worker_pid), (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
