@@ -243,3 +243,36 @@ def test_the_checks_see_real_code() -> None:
     assert _task_comparisons(ast.parse("x = 1\nif p.task != 'boxes': pass"), {"boxes"}) == [2]
     sample = ast.parse("from app.db import commit\nimport worker.tasks\nsession.commit()\n")
     assert _imported_roots(sample) == {"app", "worker"}
+
+
+def test_no_two_routers_claim_the_same_request() -> None:
+    """The routers are matched in ``ROUTERS`` order, the hot paths first (app.main): that order
+    may change no route's meaning, so no route of one router matches a path of another's for a
+    method both take."""
+    import importlib
+    import re
+
+    from starlette.routing import Route
+
+    from app.main import ROUTERS
+
+    routes = [
+        (name, route)
+        for name in ROUTERS
+        for route in importlib.import_module(name).router.routes
+        if isinstance(route, Route)
+    ]
+    assert len(routes) > 50
+
+    def concrete(path: str) -> str:
+        return re.sub(r"\{[^}]+\}", "1", path)
+
+    clashes = [
+        (a.path, b.path)
+        for i, (name_a, a) in enumerate(routes)
+        for name_b, b in routes[i + 1 :]
+        if name_a != name_b
+        and set(a.methods or ()) & set(b.methods or ())
+        and (a.path_regex.match(concrete(b.path)) or b.path_regex.match(concrete(a.path)))
+    ]
+    assert clashes == []
