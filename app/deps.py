@@ -105,9 +105,10 @@ async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
     PostgreSQL: when the app's lifespan made an asyncio engine (``app.state.async_sessions``,
     :func:`app.db.make_async_engine`), the transaction runs on the loop through it
     (:func:`app.db.unit_of_work_async`): each statement's round trip, or a wait for a row lock,
-    suspends this request only. Through a worker thread each, about 40% fewer cycles/s (load
-    benchmark, ``--serve``, 32 annotators: 156-170 against 241; README, Figures), the threads
-    queuing for the GIL after every round trip while their transactions stay open.
+    suspends this request only. Through a worker thread each, about a quarter fewer cycles/s
+    (load benchmark, ``--serve``, 32 annotators, 3 interleaved pairs: 158-172 against 218-221;
+    README, Figures), the threads queuing for the GIL after every round trip while their
+    transactions stayed open.
     """
     state = request.app.state
     async_sessions = getattr(state, "async_sessions", None)
