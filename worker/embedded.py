@@ -1,7 +1,7 @@
 """Start and stop the worker as a child process (``coreloop serve`` / ``coreloop demo``).
 
 The child is ``python -m celery -A worker.celery_app worker --pool=prefork -c 1
---max-tasks-per-child=1 -Q default,training -B`` (beat embedded) in its own session, with the
+-Q default,training -B`` (beat embedded) in its own session, with the
 settings passed as ``CORELOOP_*`` environment variables (``worker.celery_app`` builds its config
 from ``get_settings()`` at import). This module imports neither Celery nor torch, so the API
 process that calls it stays light.
@@ -34,14 +34,18 @@ def worker_args(
     concurrency: int = 1,
     beat: bool = True,
     loglevel: str = "INFO",
-    max_tasks_per_child: int = 1,
+    max_tasks_per_child: int | None = None,
 ) -> list[str]:
-    """The ``celery worker`` arguments (after ``-A worker.celery_app``)."""
+    """The ``celery worker`` arguments (after ``-A worker.celery_app``).
+
+    ``max_tasks_per_child``: replace a pool child after this many tasks; None leaves it to the
+    configuration (``worker.celery_app.pool_recycling``).
+    """
     args = [
         "worker",
         "--pool=prefork",
         f"--concurrency={concurrency}",
-        f"--max-tasks-per-child={max_tasks_per_child}",
+        *([f"--max-tasks-per-child={max_tasks_per_child}"] if max_tasks_per_child else []),
         f"--queues={','.join(queues)}",
         f"--loglevel={loglevel}",
         "--without-gossip",

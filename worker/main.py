@@ -30,8 +30,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-tasks-per-child",
         type=int,
-        default=1,
-        help="recycle a pool process after this many tasks, releasing its memory (default: 1)",
+        default=None,
+        help="recycle a pool process after this many tasks, releasing its memory (default: 1 "
+        "with Redis; on the SQLite transport, once it has used 300 MB, i.e. ran a round)",
     )
     return parser.parse_args(argv)
 

@@ -13,12 +13,15 @@
 - ``broker.cleanup()`` (beat, SQLite transport only): delete consumed kombu messages older than
   an hour (kombu never deletes them).
 
-Pool children live for one task (``--max-tasks-per-child=1``: a round's memory goes back to
-the system). Where they are forked (Redis), torch and the models are imported once by the main
-process at start-up (``worker_init``), so a round, or a duplicate message that finds nothing to
-claim, starts in milliseconds instead of seconds of imports; importing torch creates no CUDA
-context, only the child that trains does. Where they are spawned (the SQLite transport, see
-``worker.celery_app.pool_start_method``), ``round.run`` imports torch itself.
+A pool child that ran a round gives its memory back to the system: forked children (Redis)
+live for one task; spawned ones (the SQLite transport) are replaced once they have used 300 MB
+(``worker.celery_app.pool_recycling``), so the reaper's runs every 30 s reuse one light child
+instead of starting a new interpreter each. Where they are forked, torch and the models are
+imported once by the main process at start-up (``worker_init``), so a round, or a duplicate
+message that finds nothing to claim, starts in milliseconds instead of seconds of imports;
+importing torch creates no CUDA context, only the child that trains does. Where they are
+spawned (the SQLite transport, see ``worker.celery_app.pool_start_method``), ``round.run``
+imports torch itself.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ starts round 0 (random initial batch), labels the batch through ``GET /queue`` +
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,18 @@ def test_two_rounds_through_the_api_and_a_worker_process(
     assert len(round1["metrics"]["history"]) == 2
     assert count_rows(settings, QueueItem, second) == 6
     assert count_rows(settings, ModelVersion, second) == 1
+
+    if broker_url is None:  # spawned pool children: one that ran a round runs no task after it
+        worker_log = next(p for p in processes.logs if p.name.startswith("worker"))
+        done = re.findall(
+            r"/(SpawnPoolWorker-\d+)\] Task (\S+)\[.*\] succeeded", worker_log.read_text()
+        )
+        trained: set[str] = set()
+        for child, task in done:
+            assert child not in trained, f"{child} ran {task} after a round"
+            if task == "round.run":
+                trained.add(child)
+        assert len(trained) >= 2
 
     batch = api.ok("GET", "/queue", params={"project_id": project_id, "limit": 50})
     assert len(batch) == 6 and {e["round"] for e in batch} == {1}
