@@ -324,6 +324,22 @@ def rollback(session: Session) -> None:
 T = TypeVar("T")
 
 
+def _commit_holding_callbacks(
+    session: Session, work: Callable[[Session], T]
+) -> tuple[T, list[AfterCommit]]:
+    """``work(session)``, then the commit; returns ``work``'s result and the after-commit
+    callbacks, *not run* (taken before the commit, so that it runs none of them). Rolled back,
+    the callbacks dropped, if ``work`` or the commit raises."""
+    try:
+        result = work(session)
+        callbacks: list[AfterCommit] = session.info.pop("after_commit", [])
+        session.commit()
+    except BaseException:
+        rollback(session)
+        raise
+    return result, callbacks
+
+
 def try_unit_of_work_now(
     factory: sessionmaker[Session], work: Callable[[Session], T]
 ) -> tuple[T, list[AfterCommit]]:
@@ -334,12 +350,9 @@ def try_unit_of_work_now(
     done). Returns ``work``'s result and the after-commit callbacks, *not run*: the caller runs
     them where blocking is allowed (they send jobs to the broker).
     """
-    with unit_of_work(factory) as session:
+    with factory() as session:
         session.connection(execution_options=NO_WAIT)
-        result = work(session)
-        # Taken before unit_of_work commits, so that its commit runs none of them.
-        callbacks: list[AfterCommit] = session.info.pop("after_commit", [])
-    return result, callbacks
+        return _commit_holding_callbacks(session, work)
 
 
 async def unit_of_work_async(
@@ -347,23 +360,13 @@ async def unit_of_work_async(
 ) -> tuple[T, list[AfterCommit]]:
     """``work(session)`` and the commit on the event loop, with an asyncio driver (PostgreSQL).
 
-    ``work`` is the same synchronous code as anywhere else: SQLAlchemy runs it in a greenlet
-    and each statement's round trip (or row-lock wait) suspends only this request. Rolled back
-    if ``work`` or the commit raises. Returns ``work``'s result and the after-commit callbacks,
-    *not run*, as :func:`try_unit_of_work_now` does.
+    ``work`` is the same synchronous code as anywhere else: SQLAlchemy runs it, and the commit,
+    in a greenlet, and each statement's round trip (or row-lock wait) suspends only this
+    request. Otherwise as :func:`try_unit_of_work_now`: rolled back if ``work`` or the commit
+    raises; the after-commit callbacks are returned, not run.
     """
     async with factory() as session:
-        info = session.sync_session.info
-        try:
-            result = await session.run_sync(work)
-            # Taken before the commit: the caller runs them once it has succeeded.
-            callbacks: list[AfterCommit] = info.pop("after_commit", [])
-            await session.commit()
-        except BaseException:
-            info.pop("after_commit", None)
-            await session.rollback()
-            raise
-    return result, callbacks
+        return await session.run_sync(_commit_holding_callbacks, work)
 
 
 def run_callbacks(callbacks: list[AfterCommit]) -> None:

@@ -78,15 +78,14 @@ def _with_async_sessions(engine: Engine, main: Callable[[Any], Awaitable[T]]) ->
 def test_the_work_runs_on_the_loop_and_its_callbacks_in_a_thread_after_the_commit(
     pg_engine: Engine,
 ) -> None:
-    work = Work("on-loop")
     seen_by_callback: list[int] = []
-    work_callback = work._callback
 
-    def callback() -> None:  # the row is committed by the time a job is sent
-        seen_by_callback.append(_users(pg_engine))
-        work_callback()
+    class Counting(Work):
+        def _callback(self) -> None:  # the row is committed by the time a job is sent
+            seen_by_callback.append(_users(pg_engine))
+            super()._callback()
 
-    work._callback = callback  # type: ignore[method-assign]
+    work = Counting("on-loop")
 
     async def main(request: Any) -> str:
         return await deps.in_unit_of_work(request, work)

@@ -107,10 +107,11 @@ def pool_start_method(broker_url: str) -> str:
 
 
 # A spawned pool child that has used more than this (KB of resident memory) is replaced after
-# its task: one that imported torch and ran a round or a warm start (about 570 MB with torch
-# alone) gives its memory back, one that ran the reaper or a webhook (about 85 MB) lives on.
-# Replacing that one too, after every reap (every 30 s), cost about 1.3 s of CPU each time:
-# about 4.6% of a core for an idle `coreloop serve` (a new interpreter and the task modules).
+# its task: one that imported torch for a round or a warm start (torch alone: about 570 MB)
+# gives its memory back; one that ran the reaper or a webhook (the task modules: about 83 MB)
+# lives on. Replacing that one too, after every reap (every 30 s), kept an idle `coreloop
+# serve`'s worker at 4.1-4.2 s of CPU per 90 s, against 1.4-1.7 s without (a new interpreter
+# and the task modules each time).
 LIGHT_CHILD_MAX_KB = 300_000
 
 
