@@ -82,13 +82,31 @@ def _is_sqlite_overflow(exc: BaseException | None) -> bool:
     return isinstance(exc, OverflowError) and "SQLite INTEGER" in str(exc)
 
 
+_NUMERIC_VALUE_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE
+
+
+def _asyncpg_overflow(exc: BaseException | None) -> bool:
+    """asyncpg refusing an integer parameter past its column type before sending it: its
+    ``DataError`` caused by an ``OverflowError`` ("value out of int32 range")."""
+    while exc is not None:
+        if isinstance(exc, OverflowError) and "out of int" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def is_number_out_of_range(exc: BaseException) -> bool:
-    """Whether ``exc`` is the database driver refusing an integer outside 64 bits."""
+    """Whether ``exc`` is the database or its driver refusing an integer outside its type's
+    range (the server: psycopg and asyncpg; or asyncpg itself, before sending it)."""
     if _is_sqlite_overflow(exc):
         return True
     if isinstance(exc, DBAPIError):
         orig = exc.orig
-        return _is_sqlite_overflow(orig) or type(orig).__name__ == "NumericValueOutOfRange"
+        return (
+            _is_sqlite_overflow(orig)
+            or getattr(orig, "sqlstate", None) == _NUMERIC_VALUE_OUT_OF_RANGE
+            or _asyncpg_overflow(orig)
+        )
     return False
 
 

@@ -492,11 +492,18 @@ def test_only_the_drivers_integer_overflow_is_a_client_error() -> None:
     )
     assert not is_number_out_of_range(OverflowError("math range error"))  # a bug: still a 500
 
-    class NumericValueOutOfRange(Exception):  # psycopg.errors' name
-        pass
+    from asyncpg.exceptions import DataError as AsyncpgDataError
+    from psycopg.errors import NumericValueOutOfRange
 
     assert is_number_out_of_range(DataError("x", {}, NumericValueOutOfRange("bigint")))
     assert not is_number_out_of_range(DataError("x", {}, ValueError("other")))
+    # asyncpg (the API's hot paths on PostgreSQL) refuses the parameter before sending it.
+    refused = AsyncpgDataError("invalid input for query argument $1: 2147483648")
+    refused.__cause__ = OverflowError("value out of int32 range")
+    assert is_number_out_of_range(DataError("x", {}, refused))
+    other = AsyncpgDataError("invalid input for query argument $1: 'x'")
+    other.__cause__ = ValueError("an integer is required")
+    assert not is_number_out_of_range(DataError("x", {}, other))
 
 
 # --- L6: what a killed process left in storage is swept at start-up ---------------------------
