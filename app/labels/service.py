@@ -8,13 +8,14 @@ queue item (``labels_needed`` goes down by one) once per distinct annotator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Table,
     bindparam,
     exists,
@@ -69,7 +70,7 @@ _labels, _leases, _items, _events = (
 _ACTIVE, _DONE = LeaseState.active.value, LeaseState.done.value
 # Keys are the author's own: another user's label under the same key is no replay.
 _BY_KEY = select(Label.id).where(
-    Label.author_id == bindparam("author_id"), Label.idempotency_key == bindparam("key")
+    Label.author_id == bindparam("user_id"), Label.idempotency_key == bindparam("key")
 )
 _TARGET = (
     select(
@@ -99,6 +100,9 @@ _TARGET = (
         )
         .scalar_subquery()
         .label("member_role"),
+        # The author's label under the request's idempotency key, if any (a retry): read with
+        # the target, one round trip instead of two (_BY_KEY alone when the image is unknown).
+        _BY_KEY.scalar_subquery().label("label_under_key"),
     )
     .join(Project, Project.id == Image.project_id)
     .where(Image.id == bindparam("image_id"))
@@ -244,11 +248,14 @@ def _create_label(
     ``decoded``: the mask, decoded already; ``png``: that mask as stored (encoded already).
     """
     conn = session.connection()
-    existing = _by_key(session, conn, user, data.idempotency_key)
-    if existing is not None:
+    params = {"image_id": data.image_id, "user_id": user.id, "key": data.idempotency_key}
+    row = conn.execute(_TARGET, params).first()
+    existing_id = row.label_under_key if row is not None else conn.scalar(_BY_KEY, params)
+    existing = None if existing_id is None else session.get(Label, existing_id)
+    if existing is not None:  # a retry: checked against the label it repeats
         replay = _replayed(conn, storage, existing, user, data, mask_png, decoded)
         return replay, False, None
-    target = _target(conn, data.image_id, user)
+    target = _checked_target(row, data.image_id, user)
     class_index, mask = _validated_content(target, data, mask_png, decoded)
     lease = _checked_lease(session, conn, target, user, data.lease_id)
     mask_key: str | None = None
@@ -307,19 +314,19 @@ def _create_label(
     return label, True, target.classes
 
 
-def _target(conn: Connection, image_id: int, user: User) -> _Target:
-    """The image a label is for, if ``user`` may read it (an annotator member, or an admin)."""
-    row = conn.execute(_TARGET, {"image_id": image_id, "user_id": user.id}).first()
+def _checked_target(row: Row[Any] | None, image_id: int, user: User) -> _Target:
+    """The image a label is for (``row`` of ``_TARGET``), if ``user`` may read it (an annotator
+    member, or an admin)."""
     if row is None or (row.member_role is None and user.role != Role.admin):
         raise NotFound(f"Image {image_id} does not exist.", code="ImageNotFound")
-    target = _Target(*row)
+    target = _Target(*row[: len(fields(_Target))])
     checked_annotator(user, target.project_id, target.member_role)
     return target
 
 
 def _by_key(session: Session, conn: Connection, user: User, key: str) -> Label | None:
     """The caller's own label under ``key`` (never another user's)."""
-    label_id = conn.scalar(_BY_KEY, {"author_id": user.id, "key": key})
+    label_id = conn.scalar(_BY_KEY, {"user_id": user.id, "key": key})
     return None if label_id is None else session.get(Label, label_id)
 
 

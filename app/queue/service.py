@@ -15,7 +15,6 @@ item row first; the paths that free a slot (release, skip, expiry) need no lock.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -29,9 +28,11 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.orm import Session
@@ -103,6 +104,35 @@ _HELD = (
     .limit(bindparam("limit"))
 )
 
+# The project's row and the caller's held leases in one statement (one round trip): the project
+# columns on every row, the held lease's columns NULL on the one row of a caller who holds none;
+# no row at all when the project does not exist. Round numbers grow with round ids, so
+# (round number, rank) orders the held leases as _HELD does.
+_held = _HELD.subquery("held")
+_PROJECT_AND_HELD = (
+    select(*_PROJECT.selected_columns, *_held.c)
+    .select_from(Project)
+    .outerjoin(_held, true())
+    .where(Project.id == _project_id)
+)
+
+# An item with a slot free: fewer active, unexpired leases than the labels it still needs.
+_HAS_A_FREE_SLOT = (
+    QueueItem.labels_needed
+    > select(func.count(Lease.id))
+    .where(Lease.queue_item_id == QueueItem.id, Lease.state == _ACTIVE, Lease.expires_at > _now)
+    .scalar_subquery()
+)
+_NOT_THE_CALLERS = ~exists().where(  # held, answered or skipped by the caller
+    Lease.queue_item_id == QueueItem.id,
+    Lease.user_id == _user_id,
+    or_(
+        Lease.state.in_((_DONE, _SKIPPED)),
+        and_(Lease.state == _ACTIVE, Lease.expires_at > _now),
+    ),
+)
+_QUEUE_ORDER = (QueueItem.round_id, QueueItem.rank)
+
 # Items that look free in this statement's snapshot, in queue order, locked. Round ids grow
 # with round numbers, so (round_id, rank) is the queue order; the partial index
 # ix_queue_items_open (migration 0003) holds only the items still open.
@@ -113,36 +143,44 @@ _CANDIDATES = (
         QueueItem.project_id == _project_id,
         # A literal, not a parameter, so that the planner may use ix_queue_items_open.
         QueueItem.labels_needed > literal_column("0"),
-        QueueItem.labels_needed
-        > select(func.count(Lease.id))
-        .where(Lease.queue_item_id == QueueItem.id, Lease.state == _ACTIVE, Lease.expires_at > _now)
-        .scalar_subquery(),
-        ~exists().where(  # held, answered or skipped by the caller
-            Lease.queue_item_id == QueueItem.id,
-            Lease.user_id == _user_id,
-            or_(
-                Lease.state.in_((_DONE, _SKIPPED)),
-                and_(Lease.state == _ACTIVE, Lease.expires_at > _now),
-            ),
-        ),
+        _HAS_A_FREE_SLOT,
+        _NOT_THE_CALLERS,
         ~exists().where(Label.image_id == QueueItem.image_id, Label.author_id == _user_id),
         QueueItem.id.not_in(bindparam("seen", expanding=True)),
     )
-    .order_by(QueueItem.round_id, QueueItem.rank)
+    .order_by(*_QUEUE_ORDER)
     .limit(bindparam("n"))
     .with_for_update(skip_locked=True, key_share=True, of=QueueItem)
 )
 
-_RECOUNT = select(Lease.queue_item_id, Lease.user_id, Lease.state).where(
-    Lease.queue_item_id.in_(bindparam("item_ids", expanding=True)),
-    or_(
-        and_(Lease.state == _ACTIVE, Lease.expires_at > _now),
-        and_(Lease.user_id == _user_id, Lease.state.in_((_DONE, _SKIPPED))),
-    ),
-)
-
+# A lease on each locked candidate that, counted again in this new statement, still has a free
+# slot and is not the caller's, the first ``n`` in queue order. Counted again because under
+# READ COMMITTED (PostgreSQL) the candidates' snapshot may predate a lease committed by the
+# transaction that held an item's lock a moment ago; a SQLite transaction holds the database's
+# write lock from its first statement, so there it changes nothing. One statement, the count
+# and the insert: one round trip.
 _leases = cast(Table, Lease.__table__)
-_INSERT_LEASES = insert(_leases).returning(_leases.c.id, sort_by_parameter_order=True)
+_LEASE_IF_STILL_FREE = insert(_leases).from_select(
+    ["queue_item_id", "project_id", "image_id", "user_id", "state", "expires_at", "created_at",
+     "updated_at"],
+    select(
+        QueueItem.id,
+        QueueItem.project_id,
+        QueueItem.image_id,
+        _user_id,
+        literal(_ACTIVE),
+        bindparam("expires_at", type_=UTCDateTime()),
+        _now,
+        _now,
+    )
+    .where(
+        QueueItem.id.in_(bindparam("item_ids", expanding=True)),
+        _HAS_A_FREE_SLOT,
+        _NOT_THE_CALLERS,
+    )
+    .order_by(*_QUEUE_ORDER)
+    .limit(bindparam("n")),
+).returning(_leases.c.id, _leases.c.queue_item_id)  # fmt: skip
 
 _PREDICTIONS = select(
     Prediction.image_id, Prediction.id, Prediction.class_probs, Prediction.mask_key
@@ -206,17 +244,21 @@ def lease_next_items(
 ) -> list[QueueEntry]:
     """The caller's active leases, then new leases in (round, rank) order, ``limit`` in all."""
     conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
-    project = conn.execute(_PROJECT, {"project_id": project_id, "user_id": user.id}).first()
-    if project is None:
-        raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
-    ttl, model_version_id, member_role = project
-    checked_annotator(user, project_id, member_role)
     limit = max(1, min(limit, settings.queue_max_limit))
     params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
-    held = [
-        _Leased(lease_id, expires_at, _Item(*item))
-        for lease_id, expires_at, *item in conn.execute(_HELD, {**params, "limit": limit})
-    ]
+    rows = conn.execute(_PROJECT_AND_HELD, {**params, "limit": limit}).all()
+    if not rows:
+        raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
+    ttl, model_version_id, member_role = rows[0][:3]
+    checked_annotator(user, project_id, member_role)
+    held = sorted(  # in queue order (a join keeps no order of its own)
+        (
+            _Leased(lease_id, expires_at, _Item(*item))
+            for _, _, _, lease_id, expires_at, *item in rows
+            if lease_id is not None
+        ),
+        key=lambda leased: (leased.item.round_number, leased.item.rank),
+    )
     wanted = limit - len(held)
     new = _lease_new_items(conn, params, ttl, wanted) if wanted > 0 else []
     leased = held + new
@@ -224,58 +266,30 @@ def lease_next_items(
     return [_entry(entry, predictions.get(entry.item.image_id)) for entry in leased]
 
 
-def _still_free(conn: Connection, items: list[_Item], params: dict[str, Any]) -> list[_Item]:
-    """The locked items that, counted again now, have a free slot and are not the caller's.
-
-    Needed on PostgreSQL only: under READ COMMITTED the candidates' snapshot may predate a
-    lease committed by the transaction that held an item's lock a moment ago. A SQLite
-    transaction holds the database's write lock from its first statement.
-    """
-    if conn.dialect.name == "sqlite":
-        return items
-    rows = conn.execute(_RECOUNT, {**params, "item_ids": [item.id for item in items]}).all()
-    active = Counter(item_id for item_id, _, state in rows if state == _ACTIVE)
-    callers = {item_id for item_id, user_id, _ in rows if user_id == params["user_id"]}
-    return [
-        item for item in items if item.labels_needed > active[item.id] and item.id not in callers
-    ]
-
-
 def _lease_new_items(
     conn: Connection, params: dict[str, Any], ttl: int, wanted: int
 ) -> list[_Leased]:
     """Lease up to ``wanted`` new items (``params``: project_id, user_id, now)."""
-    chosen: list[_Item] = []
+    expires_at = params["now"] + timedelta(seconds=ttl)
+    leased: list[_Leased] = []
     seen: list[int] = []
     for _ in range(_MAX_PASSES):
-        missing = wanted - len(chosen)
+        missing = wanted - len(leased)
         rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
-        candidates = [_Item(*row) for row in rows]
+        candidates = {item.id: item for item in (_Item(*row) for row in rows)}
         if not candidates:
             break
-        seen += [item.id for item in candidates]
-        chosen += _still_free(conn, candidates, params)[:missing]
-        if len(chosen) >= wanted:
+        seen += candidates
+        order = {item_id: i for i, item_id in enumerate(candidates)}
+        returned = conn.execute(
+            _LEASE_IF_STILL_FREE,
+            {**params, "item_ids": list(candidates), "n": missing, "expires_at": expires_at},
+        )
+        new = sorted(returned, key=lambda row: order[row.queue_item_id])  # RETURNING's order: none
+        leased += [_Leased(lease_id, expires_at, candidates[item_id]) for lease_id, item_id in new]
+        if len(leased) >= wanted:
             break
-    if not chosen:
-        return []
-    now = params["now"]
-    expires_at = now + timedelta(seconds=ttl)
-    values = [
-        {
-            "queue_item_id": item.id,
-            "project_id": params["project_id"],
-            "image_id": item.image_id,
-            "user_id": params["user_id"],
-            "state": _ACTIVE,
-            "expires_at": expires_at,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for item in chosen
-    ]
-    ids = conn.execute(_INSERT_LEASES, values).scalars().all()
-    return [_Leased(lease_id, expires_at, item) for lease_id, item in zip(ids, chosen, strict=True)]
+    return leased
 
 
 def _predictions(
