@@ -9,6 +9,7 @@ and the hot routes run their transactions on the loop through it.
 from __future__ import annotations
 
 import argparse
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -206,3 +207,31 @@ def test_a_connection_in_use_a_moment_ago_is_not_pinged(
     monkeypatch.setattr(app_db, "IDLE_PING_SECONDS", 0.0)
     _next(served)
     assert len(pings) == 1
+
+
+def test_a_label_waits_for_its_items_lock_then_reads_the_lease_as_it_is(served: Served) -> None:
+    """POST /labels locks the lease's queue item in its first statement and reads the lease in
+    the next: a transaction that held the item's lock and ended the lease meanwhile is seen
+    (409 LeaseNotActive), not the lease as it was before the wait."""
+    entry = _next(served)
+    engine = create_engine(served.url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text("SELECT id FROM queue_items WHERE id = :id FOR NO KEY UPDATE"),
+                {"id": entry["queue_item_id"]},
+            )
+            conn.execute(
+                text("UPDATE leases SET state = 'released' WHERE id = :id"),
+                {"id": entry["lease_id"]},
+            )
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(_label, served, entry, "while-locked")
+                time.sleep(0.5)
+                assert not answer.done()  # waiting for the item's lock
+                conn.commit()
+                response = answer.result(timeout=10)
+    finally:
+        engine.dispose()
+    assert response.status_code == 409 and response.json()["error"] == "LeaseNotActive"
+    assert _count(served.url, Label) == 0

@@ -54,7 +54,7 @@ from app.models import (
     User,
     utcnow,
 )
-from app.queue.service import lock_lease_item, require_project
+from app.queue.service import LOCK_ITEM_OF_LEASE, require_project
 from app.review.service import ImageFacts, check_image
 from app.rounds.service import maybe_start_auto_round
 from app.settings import Settings
@@ -103,6 +103,9 @@ _TARGET = (
         # The author's label under the request's idempotency key, if any (a retry): read with
         # the target, one round trip instead of two (_BY_KEY alone when the image is unknown).
         _BY_KEY.scalar_subquery().label("label_under_key"),
+        # PostgreSQL: waits for and locks the queue item of the request's lease, if any, in the
+        # same round trip (the lease itself is read after, in a new statement: _LEASE).
+        LOCK_ITEM_OF_LEASE.scalar_subquery().label("locked_item"),
     )
     .join(Project, Project.id == Image.project_id)
     .where(Image.id == bindparam("image_id"))
@@ -248,7 +251,12 @@ def _create_label(
     ``decoded``: the mask, decoded already; ``png``: that mask as stored (encoded already).
     """
     conn = session.connection()
-    params = {"image_id": data.image_id, "user_id": user.id, "key": data.idempotency_key}
+    params = {
+        "image_id": data.image_id,
+        "user_id": user.id,
+        "key": data.idempotency_key,
+        "lease_id": data.lease_id,
+    }
     row = conn.execute(_TARGET, params).first()
     existing_id = row.label_under_key if row is not None else conn.scalar(_BY_KEY, params)
     existing = None if existing_id is None else session.get(Label, existing_id)
@@ -257,7 +265,7 @@ def _create_label(
         return replay, False, None
     target = _checked_target(row, data.image_id, user)
     class_index, mask = _validated_content(target, data, mask_png, decoded)
-    lease = _checked_lease(session, conn, target, user, data.lease_id)
+    lease = _checked_lease(conn, target, user, data.lease_id)
     mask_key: str | None = None
     if mask is not None:
         stored_png = png if mask is decoded else None
@@ -471,9 +479,10 @@ def prepare_submitted_mask(
 
 
 def _checked_lease(
-    session: Session, conn: Connection, target: _Target, user: User, lease_id: int | None
+    conn: Connection, target: _Target, user: User, lease_id: int | None
 ) -> _LeaseRow | None:
-    """The caller's lease for this image, its queue item locked; None when none is given."""
+    """The caller's lease for this image, read after its queue item was locked (by _TARGET's
+    ``locked_item``, earlier in the transaction); None when none is given."""
     if lease_id is None:
         if target.require_lease:
             raise Forbidden(
@@ -482,7 +491,6 @@ def _checked_lease(
                 code="LeaseRequired",
             )
         return None
-    lock_lease_item(session, lease_id)
     row = conn.execute(_LEASE, {"lease_id": lease_id}).first()  # read under the item's lock
     if row is None:
         raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")

@@ -189,7 +189,9 @@ _PREDICTIONS = select(
     Prediction.image_id.in_(bindparam("image_ids", expanding=True)),
 )
 
-_LOCK_ITEM_OF_LEASE = (
+# The queue item of a lease, locked (PostgreSQL; SQLite renders it without FOR UPDATE, a plain
+# read). Also a scalar subquery of the label's first read (app.labels.service._TARGET).
+LOCK_ITEM_OF_LEASE = (
     select(QueueItem.id)
     .where(
         QueueItem.id
@@ -236,7 +238,7 @@ def lock_lease_item(session: Session, lease_id: int) -> None:
     """
     conn = session.connection()
     if conn.dialect.name != "sqlite":
-        conn.execute(_LOCK_ITEM_OF_LEASE, {"lease_id": lease_id})
+        conn.execute(LOCK_ITEM_OF_LEASE, {"lease_id": lease_id})
 
 
 def lease_next_items(
