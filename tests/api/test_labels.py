@@ -375,10 +375,24 @@ def test_label_with_lease_closes_it_and_counts_once(
     leased: Callable[..., tuple[Project, list[QueueItem], list[dict[str, Any]]]],
     annotator_headers: Headers,
 ) -> None:
-    _, items, entries = leased(1, overlap=2)
+    project, items, entries = leased(1, overlap=2)
     entry = entries[0]
+
+    def rows() -> tuple[Any, ...]:  # the columns that labeling must leave alone
+        lease = db.execute(
+            select(Lease.queue_item_id, Lease.project_id, Lease.image_id, Lease.user_id,
+                   Lease.expires_at, Lease.created_at).where(Lease.id == entry["lease_id"])
+        ).one()  # fmt: skip
+        item = db.execute(
+            select(QueueItem.project_id, QueueItem.image_id, QueueItem.round_id, QueueItem.rank,
+                   QueueItem.created_at).where(QueueItem.id == items[0].id)
+        ).one()  # fmt: skip
+        return tuple(lease), tuple(item)
+
+    before = rows()
     body = {"image_id": entry["image_id"], "lease_id": entry["lease_id"], "class_index": 0}
-    assert _post(client, annotator_headers, idempotency_key="l1", **body).status_code == 201
+    first = _post(client, annotator_headers, idempotency_key="l1", **body)
+    assert first.status_code == 201
     assert db.scalar(select(Lease.state).where(Lease.id == entry["lease_id"])) == "done"
     assert _needed(db, items[0]) == 1
     correction = _post(
@@ -386,8 +400,13 @@ def test_label_with_lease_closes_it_and_counts_once(
     )
     assert correction.status_code == 201
     assert _needed(db, items[0]) == 1  # the same author counts once
-    event = db.scalars(select(Event).where(Event.kind == "label.created")).first()
-    assert event is not None and event.payload["lease_id"] == entry["lease_id"]
+    assert rows() == before
+    events = db.scalars(select(Event).where(Event.kind == "label.created").order_by(Event.id))
+    assert [(e.project_id, e.actor_id, e.payload) for e in events] == [
+        (project.id, first.json()["author_id"], {"label_id": label["id"],
+         "image_id": entry["image_id"], "lease_id": entry["lease_id"]})
+        for label in (first.json(), correction.json())
+    ]  # fmt: skip
 
 
 def test_lease_errors_on_labels(
