@@ -1,4 +1,4 @@
-"""On PostgreSQL the hot paths' transactions run on the event loop through psycopg's asyncio
+"""On PostgreSQL the hot paths' transactions run on the event loop through asyncpg's
 connections (``app.deps.in_unit_of_work``, ``app.db.unit_of_work_async``): the same synchronous
 service code, each statement's round trip and each row-lock wait suspending the request only.
 
