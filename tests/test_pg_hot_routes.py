@@ -235,3 +235,20 @@ def test_a_label_waits_for_its_items_lock_then_reads_the_lease_as_it_is(served: 
         engine.dispose()
     assert response.status_code == 409 and response.json()["error"] == "LeaseNotActive"
     assert _count(served.url, Label) == 0
+
+
+def test_a_url_with_query_parameters_keeps_psycopg(tmp_path: Path) -> None:
+    """asyncpg would take a URL's query parameters (libpq's ``sslmode``, a socket ``host``...)
+    as keyword arguments; such a URL keeps psycopg's asyncio connections, and works."""
+    url = create_pg_database() + "?application_name=coreloop-test"
+    settings = Settings(environment="test", data_dir=tmp_path, database_url=url)
+    project_id, tokens = _populate(settings, argparse.Namespace(annotators=1, items=2, overlap=1))
+    app = create_app(settings, migrate=False)
+    with TestClient(app) as client:
+        assert app.state.async_sessions.kw["bind"].dialect.driver == "psycopg"
+        response = client.get(
+            "/queue",
+            params={"project_id": project_id, "limit": 1},
+            headers={"Authorization": f"Bearer {tokens[0]}"},
+        )
+        assert response.status_code == 200 and len(response.json()) == 1
