@@ -57,7 +57,9 @@ from app.models import (
 from app.queue.schemas import PredictionOut, QueueEntry, Scores
 from app.settings import Settings
 
-_MAX_PASSES = 4  # candidate batches tried before answering with fewer items than asked
+# Candidate batches tried before answering with fewer items than asked (but at least one: see
+# _lease_new_items).
+_MAX_PASSES = 4
 _ACTIVE, _DONE, _SKIPPED = (
     LeaseState.active.value,
     LeaseState.done.value,
@@ -271,11 +273,21 @@ def lease_next_items(
 def _lease_new_items(
     conn: Connection, params: dict[str, Any], ttl: int, wanted: int
 ) -> list[_Leased]:
-    """Lease up to ``wanted`` new items (``params``: project_id, user_id, now)."""
+    """Lease up to ``wanted`` new items (``params``: project_id, user_id, now).
+
+    Under contention (PostgreSQL) a locked candidate may turn out taken when counted again:
+    another transaction leased it a moment ago. The next pass looks past it. After
+    ``_MAX_PASSES`` passes this answers with what it has, but it never gives up with nothing
+    while there are candidates: an empty answer says that no item is free for the caller (the
+    annotator's page shows "All done for now"). Each pass looks at items no earlier pass saw,
+    and each one lost went to another annotator, so the passes end.
+    """
     expires_at = params["now"] + timedelta(seconds=ttl)
     leased: list[_Leased] = []
     seen: list[int] = []
-    for _ in range(_MAX_PASSES):
+    passes = 0
+    while len(leased) < wanted and (passes < _MAX_PASSES or not leased):
+        passes += 1
         missing = wanted - len(leased)
         rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
         candidates = {item.id: item for item in (_Item(*row) for row in rows)}
@@ -289,8 +301,6 @@ def _lease_new_items(
         )
         new = sorted(returned, key=lambda row: order[row.queue_item_id])  # RETURNING's order: none
         leased += [_Leased(lease_id, expires_at, candidates[item_id]) for lease_id, item_id in new]
-        if len(leased) >= wanted:
-            break
     return leased
 
 

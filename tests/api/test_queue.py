@@ -141,6 +141,51 @@ def test_own_active_leases_come_first_and_are_not_leased_twice(
     assert get_queue(client, annotator_headers, project, limit=1) == again[:1]
 
 
+def _lose_candidates(monkeypatch: pytest.MonkeyPatch, passes: int) -> list[int]:
+    """Make the first ``passes`` lease inserts insert nothing, as when another annotator leased
+    each locked candidate a moment before it was counted again (contention on PostgreSQL)."""
+    from sqlalchemy.engine import Connection
+
+    from app.queue import service
+
+    real = Connection.execute
+    lost: list[int] = []
+
+    def execute(self: Connection, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        if statement is service._LEASE_IF_STILL_FREE and len(lost) < passes:
+            lost.extend(parameters["item_ids"])
+            parameters = {**parameters, "item_ids": [-1]}
+        return real(self, statement, parameters, **kw)
+
+    monkeypatch.setattr(Connection, "execute", execute)
+    return lost
+
+
+def test_lost_candidates_never_make_an_empty_answer_while_items_are_free(
+    client: TestClient,
+    queue_setup: Callable[..., tuple[Project, list[QueueItem]]],
+    annotator_headers: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty queue reads as "All done for now" on the annotator's page: it must mean that no
+    item is free, not that a few passes lost their candidates to other annotators."""
+    from app.queue.service import _MAX_PASSES
+
+    project, items = queue_setup(_MAX_PASSES + 4)
+    lost = _lose_candidates(monkeypatch, _MAX_PASSES + 2)
+    (entry,) = get_queue(client, annotator_headers, project, limit=1)
+    assert lost == [item.id for item in items[: _MAX_PASSES + 2]]
+    assert entry["queue_item_id"] == items[_MAX_PASSES + 2].id
+    # With every candidate lost, the passes end when no unseen candidate is left.
+    lost = _lose_candidates(monkeypatch, 100)
+    assert (
+        get_queue(client, annotator_headers, project, limit=1)[0]["lease_id"] == entry["lease_id"]
+    )  # held: offered again without a pass
+    other, _ = queue_setup(3)
+    assert get_queue(client, annotator_headers, other, limit=1) == []
+    assert len(lost) == 3
+
+
 @pytest.mark.parametrize("overlap", [1, 2])
 def test_an_item_is_leased_to_at_most_overlap_annotators(
     client: TestClient,
