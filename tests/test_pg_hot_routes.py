@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from app import db as app_db
 from app.main import create_app
@@ -38,7 +38,7 @@ ITEMS = 12
 class Served:
     client: TestClient
     app: Any
-    url: str
+    db: Engine  # a plain engine on the served database, for the tests' own reads and locks
     project_id: int
     headers: list[dict[str, str]]
 
@@ -50,19 +50,19 @@ def served(tmp_path: Path) -> Iterator[Served]:
     args = argparse.Namespace(annotators=ANNOTATORS, items=ITEMS, overlap=2)
     project_id, tokens = _populate(settings, args)
     app = create_app(settings, migrate=False)
-    with TestClient(app) as client:
-        assert app.state.async_sessions.kw["bind"].dialect.driver == "asyncpg"
-        headers = [{"Authorization": f"Bearer {token}"} for token in tokens]
-        yield Served(client, app, url, project_id, headers)
-
-
-def _count(url: str, model: Any) -> int:
-    engine = create_engine(url)
+    db = create_engine(url)
     try:
-        with engine.connect() as conn:
-            return int(conn.scalar(select(func.count()).select_from(model)) or 0)
+        with TestClient(app) as client:
+            assert app.state.async_sessions.kw["bind"].dialect.driver == "asyncpg"
+            headers = [{"Authorization": f"Bearer {token}"} for token in tokens]
+            yield Served(client, app, db, project_id, headers)
     finally:
-        engine.dispose()
+        db.dispose()
+
+
+def _count(served: Served, model: Any) -> int:
+    with served.db.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(model)) or 0)
 
 
 def _next(served: Served, who: int = 0) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def test_a_cycle_and_its_replay(served: Served) -> None:
     assert first.status_code == 201, first.text
     again = _label(served, entry, "k1")
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    assert _count(served.url, Label) == 1
+    assert _count(served, Label) == 1
     assert _next(served)["rank"] == 1  # the answered item is not offered to its author again
 
 
@@ -128,7 +128,7 @@ def test_hot_route_errors_are_the_api_s_errors(served: Served) -> None:
         headers=headers,
     )  # fmt: skip
     assert bad_class.status_code == 422
-    assert _count(served.url, Label) == 0  # nothing half-written
+    assert _count(served, Label) == 0  # nothing half-written
 
 
 def test_concurrent_annotators_never_exceed_the_overlap(served: Served) -> None:
@@ -150,16 +150,12 @@ def test_concurrent_annotators_never_exceed_the_overlap(served: Served) -> None:
     with ThreadPoolExecutor(ANNOTATORS) as pool:
         done = sum(pool.map(annotate, range(ANNOTATORS)))
     assert done == ITEMS * 2  # each item read twice, by two different annotators
-    engine = create_engine(served.url)
-    try:
-        with engine.connect() as conn:
-            per_item = conn.execute(
-                select(Lease.queue_item_id, func.count(func.distinct(Lease.user_id)))
-                .where(Lease.state == "done")
-                .group_by(Lease.queue_item_id)
-            ).all()
-    finally:
-        engine.dispose()
+    with served.db.connect() as conn:
+        per_item = conn.execute(
+            select(Lease.queue_item_id, func.count(func.distinct(Lease.user_id)))
+            .where(Lease.state == "done")
+            .group_by(Lease.queue_item_id)
+        ).all()
     assert len(per_item) == ITEMS and {n for _, n in per_item} == {2}
 
 
@@ -169,17 +165,13 @@ def test_a_dead_pooled_connection_is_replaced_before_use(
     """The database dropped the pool's connections (a restart, an admin): a connection idle past
     IDLE_PING_SECONDS is pinged at checkout, found dead and replaced; the request succeeds."""
     _next(served)  # the pool holds a connection now
-    engine = create_engine(served.url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            killed = conn.scalar(
-                text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
+    with served.db.connect() as conn:
+        killed = conn.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-    finally:
-        engine.dispose()
+        )
     assert killed and killed >= 1
     monkeypatch.setattr(app_db, "IDLE_PING_SECONDS", 0.0)  # read at checkout: ping every one
     entry = _next(served)
@@ -214,27 +206,22 @@ def test_a_label_waits_for_its_items_lock_then_reads_the_lease_as_it_is(served: 
     the next: a transaction that held the item's lock and ended the lease meanwhile is seen
     (409 LeaseNotActive), not the lease as it was before the wait."""
     entry = _next(served)
-    engine = create_engine(served.url)
-    try:
-        with engine.connect() as conn:
-            conn.execute(
-                text("SELECT id FROM queue_items WHERE id = :id FOR NO KEY UPDATE"),
-                {"id": entry["queue_item_id"]},
-            )
-            conn.execute(
-                text("UPDATE leases SET state = 'released' WHERE id = :id"),
-                {"id": entry["lease_id"]},
-            )
-            with ThreadPoolExecutor(1) as pool:
-                answer = pool.submit(_label, served, entry, "while-locked")
-                time.sleep(0.5)
-                assert not answer.done()  # waiting for the item's lock
-                conn.commit()
-                response = answer.result(timeout=10)
-    finally:
-        engine.dispose()
+    with served.db.connect() as conn:
+        conn.execute(
+            text("SELECT id FROM queue_items WHERE id = :id FOR NO KEY UPDATE"),
+            {"id": entry["queue_item_id"]},
+        )
+        conn.execute(
+            text("UPDATE leases SET state = 'released' WHERE id = :id"), {"id": entry["lease_id"]}
+        )
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_label, served, entry, "while-locked")
+            time.sleep(0.5)
+            assert not answer.done()  # waiting for the item's lock
+            conn.commit()
+            response = answer.result(timeout=10)
     assert response.status_code == 409 and response.json()["error"] == "LeaseNotActive"
-    assert _count(served.url, Label) == 0
+    assert _count(served, Label) == 0
 
 
 def test_a_url_with_query_parameters_keeps_psycopg(tmp_path: Path) -> None:
