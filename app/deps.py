@@ -106,9 +106,9 @@ async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
     :func:`app.db.make_async_engine`), the transaction runs on the loop through it
     (:func:`app.db.unit_of_work_async`): each statement's round trip, or a wait for a row lock,
     suspends this request only. Through a worker thread each, about a quarter fewer cycles/s
-    (load benchmark, ``--serve``, 32 annotators, 3 interleaved pairs: 158-172 against 218-221;
-    README, Figures), the threads queuing for the GIL after every round trip while their
-    transactions stayed open.
+    (load benchmark, ``--serve``, 32 annotators, 3 interleaved pairs: 158-172 against 218-221,
+    with psycopg's asyncio connections then; README, Figures), the threads queuing for the GIL
+    after every round trip while their transactions stayed open.
     """
     state = request.app.state
     async_sessions = getattr(state, "async_sessions", None)
