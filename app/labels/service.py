@@ -8,18 +8,25 @@ queue item (``labels_needed`` goes down by one) once per distinct annotator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from itertools import chain
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
+    Integer,
     Row,
     Table,
+    Update,
     bindparam,
     exists,
+    func,
     insert,
+    literal,
     literal_column,
     select,
     true,
@@ -125,9 +132,8 @@ _INSERT_LABEL = {
     .on_conflict_do_nothing(index_elements=_KEY_OF_AUTHOR)
     .returning(_labels.c.id),
 }
-# The label's event, its values as named parameters (``event_<column>``): run as the main
-# statement of _CLOSE_COUNT_AND_LOG, parameters named after columns would also become SET
-# clauses of its UPDATEs.
+# The label's event, its values as named parameters (``event_<column>``), as in _LABEL_WITH_LEASE
+# (whose UPDATEs would take parameters named after columns as SET clauses).
 _EVENT_COLUMNS = ("project_id", "actor_id", "kind", "payload", "created_at")
 _INSERT_EVENT = (
     insert(_events)
@@ -154,29 +160,101 @@ _CLOSE_CALLERS_LEASES = (  # the caller's own leases on the image, answered by a
     )
     .values(state=_DONE, updated_at=bindparam("now"))
 )
+
+
 # Decrement labels_needed unless the author labeled the image since the item exists (once per
 # distinct annotator). The item row is locked by then, so a concurrent label of the same author
 # has committed before this statement's snapshot.
-_COUNT_ONCE_PER_AUTHOR = (
-    update(_items)
-    .where(
-        _items.c.id == bindparam("item_id"),
-        _items.c.labels_needed > literal_column("0"),
-        ~exists().where(
-            _labels.c.image_id == bindparam("p_image_id"),
-            _labels.c.author_id == bindparam("p_author_id"),
-            _labels.c.id != bindparam("label_id"),
-            _labels.c.created_at >= _items.c.created_at,
+def _count_once_per_author(item_id: ColumnElement[Any], label_id: ColumnElement[Any]) -> Update:
+    return (
+        update(_items)
+        .where(
+            _items.c.id == item_id,
+            _items.c.labels_needed > literal_column("0"),
+            ~exists().where(
+                _labels.c.image_id == bindparam("p_image_id"),
+                _labels.c.author_id == bindparam("p_author_id"),
+                _labels.c.id != label_id,
+                _labels.c.created_at >= _items.c.created_at,
+            ),
+        )
+        .values(labels_needed=_items.c.labels_needed - 1)
+    )
+
+
+_COUNT_ONCE_PER_AUTHOR = _count_once_per_author(bindparam("item_id"), bindparam("label_id"))
+
+
+def _label_event_payload(label_id: Any, image_id: Any, lease_id: Any) -> dict[str, Any]:
+    """The payload of a ``label.created`` event (values, or SQL expressions to build it from)."""
+    return {"label_id": label_id, "image_id": image_id, "lease_id": lease_id}
+
+
+# PostgreSQL, a label with a lease: ONE statement after the item's lock (_TARGET), one round trip
+# instead of three. It reads the lease (as _LEASE would: after the lock, so current), inserts the
+# label with it, and, driven by the inserted label (nothing when the key's label exists already),
+# closes the lease, counts the label and adds its event: data-modifying CTEs, run once each
+# whether or not anything reads them, on one snapshot (the label inserted here is not in it, as
+# _COUNT_ONCE_PER_AUTHOR wants). The lease is checked after it ran, in Python (_lease_checked): a
+# bad one raises, and the transaction, label and all, rolls back. Parameters are named after no
+# column of these tables: an UPDATE in a CTE would take such a parameter as a SET clause.
+# SQLite has no data-modifying CTEs: there the steps run one by one (_checked_lease,
+# _INSERT_LABEL, _count_and_log), the same statements with parameters where these read the CTEs.
+_LABEL_VALUES = (
+    "project_id", "image_id", "author_id", "author_name", "source", "class_index", "mask_key",
+    "idempotency_key", "created_at",
+)  # fmt: skip
+_lease = _LEASE.cte("lease")
+_new_label = (
+    postgresql.insert(_labels)
+    .from_select(
+        [*_LABEL_VALUES, "lease_id"],
+        select(
+            *(bindparam(f"label_{c}", type_=_labels.c[c].type) for c in _LABEL_VALUES),
+            _lease.c.id,
         ),
     )
-    .values(labels_needed=_items.c.labels_needed - 1)
+    .on_conflict_do_nothing(index_elements=_KEY_OF_AUTHOR)
+    .returning(_labels.c.id)
+    .cte("new_label")
 )
-# PostgreSQL: the lease's close and the count as data-modifying CTEs of the event's insert, run
-# once each whether or not anything reads them. One statement, so one snapshot for the three;
-# they touch different tables, and the label (inserted by the previous statement) and the item's
-# lock are in place before it, as when they ran one by one (SQLite: :func:`_count_and_log`).
-_CLOSE_COUNT_AND_LOG = _INSERT_EVENT.add_cte(
-    _CLOSE_LEASE.cte("closed"), _COUNT_ONCE_PER_AUTHOR.cte("counted")
+_new_label_id = select(_new_label.c.id).scalar_subquery()
+_labeled = exists(select(_new_label.c.id))
+_event = (
+    insert(_events)
+    .from_select(
+        list(_EVENT_COLUMNS),
+        select(
+            *(
+                func.json_build_object(
+                    *chain.from_iterable(
+                        (literal(key), value)
+                        for key, value in _label_event_payload(
+                            _new_label.c.id,
+                            bindparam("p_image_id", type_=Integer()),
+                            bindparam("p_lease_id", type_=Integer()),
+                        ).items()
+                    ),
+                    type_=_events.c.payload.type,
+                )
+                if c == "payload"
+                else bindparam(f"event_{c}", type_=_events.c[c].type)
+                for c in _EVENT_COLUMNS
+            )
+        ).select_from(_new_label),
+    )
+    .returning(_events.c.id)
+    .cte("event")
+)
+_LABEL_WITH_LEASE = select(
+    *_lease.c,
+    _new_label_id.label("label_id"),
+    select(_event.c.id).scalar_subquery().label("event_id"),
+).add_cte(
+    _CLOSE_LEASE.where(_labeled).cte("closed"),
+    _count_once_per_author(select(_lease.c.queue_item_id).scalar_subquery(), _new_label_id)
+    .where(_labeled)
+    .cte("counted"),
 )
 
 
@@ -280,9 +358,12 @@ def _create_label(
         return replay, False, None
     target = _checked_target(row, data.image_id, user)
     class_index, mask = _validated_content(target, data, mask_png, decoded)
-    lease = _checked_lease(conn, target, user, data.lease_id)
+    # PostgreSQL, a label with a lease: the lease is read and checked by the one statement that
+    # writes the label (_LABEL_WITH_LEASE); elsewhere before anything is written.
+    in_one = data.lease_id is not None and conn.dialect.name == "postgresql"
+    lease = None if in_one else _checked_lease(conn, target, user, data.lease_id)
     mask_key: str | None = None
-    if mask is not None:
+    if mask is not None:  # deleted again if the transaction rolls back (a bad lease, say)
         stored_png = png if mask is decoded else None
         mask_key = store_mask(session, storage, target.project_id, mask, stored_png)
     values = {
@@ -293,11 +374,15 @@ def _create_label(
         "source": LabelSource(source).value,
         "class_index": class_index,
         "mask_key": mask_key,
-        "lease_id": lease.id if lease is not None else None,
+        "lease_id": data.lease_id,
         "idempotency_key": data.idempotency_key,
         "created_at": utcnow(),
     }
-    label_id = conn.execute(_INSERT_LABEL[conn.dialect.name], values).scalar_one_or_none()
+    event_id: int | None = None
+    if in_one:
+        lease, label_id, event_id = _insert_label_with_lease(conn, target, user, values)
+    else:
+        label_id = conn.execute(_INSERT_LABEL[conn.dialect.name], values).scalar_one_or_none()
     if label_id is None:  # the same key, committed by a concurrent request meanwhile
         if mask_key is not None:
             storage.delete(mask_key)
@@ -306,7 +391,8 @@ def _create_label(
             raise Conflict(f"Idempotency key {data.idempotency_key!r} is being used; retry.")
         return _replayed(conn, storage, existing, user, data, mask_png, mask), False, None
     label = Label(id=label_id, **values)  # detached: the row is written, nothing to track
-    event_id = _count_and_log(conn, target.image_id, user, lease, label)
+    if event_id is None:
+        event_id = _count_and_log(conn, target.image_id, user, lease, label)
     if target.overlap >= 2:  # several readers: do the reads now disagree? (the review queue)
         facts = ImageFacts(
             target.project_id, target.image_id, target.task, target.height, target.width,
@@ -496,9 +582,18 @@ def _checked_lease(
             )
         return None
     row = conn.execute(_LEASE, {"lease_id": lease_id}).first()  # read under the item's lock
+    return _lease_checked(row, target, user, lease_id)
+
+
+def _lease_checked(
+    row: Sequence[Any] | None, target: _Target, user: User, lease_id: int
+) -> _LeaseRow:
+    """The lease of ``row`` (``_LEASE``'s columns first), if it is the caller's for this image
+    and still takes a label (active and unexpired, or done: a correction of the caller's own
+    answer)."""
     if row is None:
         raise NotFound(f"Lease {lease_id} does not exist.", code="LeaseNotFound")
-    lease = _LeaseRow(*row)
+    lease = _LeaseRow(*row[: len(fields(_LeaseRow))])
     if lease.user_id != user.id:
         raise Forbidden(f"Lease {lease_id} belongs to another annotator.", code="LeaseNotYours")
     if lease.image_id != target.image_id:
@@ -522,38 +617,60 @@ def _checked_lease(
     return lease
 
 
+def _event_params(project_id: int, user: User, created_at: datetime) -> dict[str, Any]:
+    """The parameters of a ``label.created`` event, but its payload."""
+    return {
+        "event_project_id": project_id,
+        "event_actor_id": user.id,
+        "event_kind": "label.created",
+        "event_created_at": created_at,
+    }
+
+
+def _insert_label_with_lease(
+    conn: Connection, target: _Target, user: User, values: dict[str, Any]
+) -> tuple[_LeaseRow, int | None, int | None]:
+    """PostgreSQL: :data:`_LABEL_WITH_LEASE`, the label of ``values`` with its lease; returns the
+    lease, and the label's and its event's ids (None and None: the key's label exists already).
+
+    Raises as :func:`_checked_lease` for a bad lease, after the statement ran: the request's
+    transaction then rolls back what it wrote."""
+    lease_id, now = values["lease_id"], values["created_at"]
+    params = {
+        **{f"label_{column}": values[column] for column in _LABEL_VALUES},
+        **_event_params(target.project_id, user, now),
+        "lease_id": lease_id,
+        "p_lease_id": lease_id,
+        "p_image_id": target.image_id,
+        "p_author_id": user.id,
+        "now": now,
+    }
+    row = conn.execute(_LABEL_WITH_LEASE, params).first()
+    lease = _lease_checked(row, target, user, lease_id)
+    assert row is not None  # _lease_checked raised otherwise
+    return lease, row.label_id, row.event_id
+
+
 def _count_and_log(
     conn: Connection, image_id: int, user: User, lease: _LeaseRow | None, label: Label
 ) -> int:
     """Close the caller's lease(s) on the image, count the label once per distinct author, and
-    add its ``label.created`` event; returns the event's id.
-
-    PostgreSQL, a label with a lease: one statement (:data:`_CLOSE_COUNT_AND_LOG`), one round
-    trip instead of three."""
+    add its ``label.created`` event; returns the event's id. (PostgreSQL does all this for a
+    label with a lease in the statement that inserts it: :data:`_LABEL_WITH_LEASE`.)"""
     params = {"now": label.created_at, "p_image_id": image_id, "p_user_id": user.id}
     event = {
-        "event_project_id": label.project_id,
-        "event_actor_id": user.id,
-        "event_kind": "label.created",
-        "event_payload": {"label_id": label.id, "image_id": image_id, "lease_id": label.lease_id},
-        "event_created_at": label.created_at,
+        **_event_params(label.project_id, user, label.created_at),
+        "event_payload": _label_event_payload(label.id, image_id, label.lease_id),
     }
-
-    def count(item_id: int) -> dict[str, Any]:
-        return {"item_id": item_id, "p_author_id": user.id, "label_id": label.id}
-
     if lease is not None:
-        closed = {**params, "p_lease_id": lease.id}
-        if conn.dialect.name == "postgresql":
-            both = {**closed, **count(lease.queue_item_id), **event}
-            return int(conn.execute(_CLOSE_COUNT_AND_LOG, both).scalar_one())
         item_ids = [lease.queue_item_id]
-        conn.execute(_CLOSE_LEASE, closed)
+        conn.execute(_CLOSE_LEASE, {**params, "p_lease_id": lease.id})
     else:
         item_ids = list(conn.scalars(_OPEN_ITEMS_OF_IMAGE, params).all())
         conn.execute(_CLOSE_CALLERS_LEASES, params)
     for item_id in item_ids:
-        conn.execute(_COUNT_ONCE_PER_AUTHOR, {**params, **count(item_id)})
+        count = {"item_id": item_id, "p_author_id": user.id, "label_id": label.id}
+        conn.execute(_COUNT_ONCE_PER_AUTHOR, {**params, **count})
     return int(conn.execute(_INSERT_EVENT, event).scalar_one())
 
 

@@ -416,9 +416,10 @@ def test_lease_errors_on_labels(
     annotator_headers: Headers,
     make_user: Callable[..., tuple[User, str]],
 ) -> None:
-    _, _, entries = leased(2)
+    _, items, entries = leased(2)
     first, second = entries
     _, token = make_user("intruder", Role.annotator)
+    needed = [_needed(db, item) for item in items]
 
     def post(headers: Headers, image_id: int, lease_id: int, key: str) -> tuple[int, str]:
         body = {"image_id": image_id, "lease_id": lease_id, "idempotency_key": key}
@@ -448,6 +449,42 @@ def test_lease_errors_on_labels(
         409,
         "LeaseNotActive",
     )
+    # Nothing of a refused label stays (on PostgreSQL the statement that checks the lease has
+    # written the label, closed the lease and counted it: all rolled back).
+    assert db.scalar(select(func.count(Label.id))) == 0
+    assert db.scalar(select(func.count(Event.id)).where(Event.kind == "label.created")) == 0
+    assert [_needed(db, item) for item in items] == needed
+    states = select(Lease.state).where(Lease.id.in_([first["lease_id"], second["lease_id"]]))
+    assert sorted(db.scalars(states)) == ["active", "released"]
+
+
+def test_a_mask_refused_for_its_lease_leaves_no_file(
+    client: TestClient,
+    db: Session,
+    storage: Storage,
+    leased: Callable[..., tuple[Project, list[QueueItem], list[dict[str, Any]]]],
+    annotator_headers: Headers,
+) -> None:
+    """The mask is stored before the lease is checked (on PostgreSQL by the statement that
+    writes the label); a refused label deletes it again."""
+    project, _, entries = leased(1, task="segmentation", classes=["lesion"])
+    entry = entries[0]
+    db.execute(
+        update(Lease)
+        .where(Lease.id == entry["lease_id"])
+        .values(expires_at=utcnow() - timedelta(seconds=1))
+    )
+    db.commit()
+    response = _post(
+        client,
+        annotator_headers,
+        image_id=entry["image_id"],
+        lease_id=entry["lease_id"],
+        idempotency_key="late",
+        mask_rle=mask_to_rle(_disc()),
+    )
+    assert _error(response) == (409, "LeaseExpired")
+    assert not list((storage.root / "masks").rglob("*.png"))
     assert db.scalar(select(func.count(Label.id))) == 0
 
 
