@@ -20,8 +20,10 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Integer,
+    Select,
     Table,
     and_,
     bindparam,
@@ -30,9 +32,11 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.orm import Session
@@ -106,18 +110,6 @@ _HELD = (
     .limit(bindparam("limit"))
 )
 
-# The project's row and the caller's held leases in one statement (one round trip): the project
-# columns on every row, the held lease's columns NULL on the one row of a caller who holds none;
-# no row at all when the project does not exist. Round numbers grow with round ids, so
-# (round number, rank) orders the held leases as _HELD does.
-_held = _HELD.subquery("held")
-_PROJECT_AND_HELD = (
-    select(*_PROJECT.selected_columns, *_held.c)
-    .select_from(Project)
-    .outerjoin(_held, true())
-    .where(Project.id == _project_id)
-)
-
 # An item with a slot free: fewer active, unexpired leases than the labels it still needs.
 _HAS_A_FREE_SLOT = (
     QueueItem.labels_needed
@@ -135,24 +127,56 @@ _NOT_THE_CALLERS = ~exists().where(  # held, answered or skipped by the caller
 )
 _QUEUE_ORDER = (QueueItem.round_id, QueueItem.rank)
 
-# Items that look free in this statement's snapshot, in queue order, locked. Round ids grow
-# with round numbers, so (round_id, rank) is the queue order; the partial index
-# ix_queue_items_open (migration 0003) holds only the items still open.
-_CANDIDATES = (
-    select(*_ITEM_COLUMNS)
-    .join(Round, Round.id == QueueItem.round_id)
-    .where(
-        QueueItem.project_id == _project_id,
-        # A literal, not a parameter, so that the planner may use ix_queue_items_open.
-        QueueItem.labels_needed > literal_column("0"),
-        _HAS_A_FREE_SLOT,
-        _NOT_THE_CALLERS,
-        ~exists().where(Label.image_id == QueueItem.image_id, Label.author_id == _user_id),
-        QueueItem.id.not_in(bindparam("seen", expanding=True)),
+
+def _candidates(
+    *conditions: ColumnElement[bool], limit: ColumnElement[Any]
+) -> Select[*tuple[Any, ...]]:
+    """Items that look free in the statement's snapshot, in queue order, locked (and skipped when
+    another transaction holds them). Round ids grow with round numbers, so (round_id, rank) is
+    the queue order; the partial index ix_queue_items_open (migration 0003) holds only the items
+    still open."""
+    return (
+        select(*_ITEM_COLUMNS)
+        .join(Round, Round.id == QueueItem.round_id)
+        .where(
+            QueueItem.project_id == _project_id,
+            # A literal, not a parameter, so that the planner may use ix_queue_items_open.
+            QueueItem.labels_needed > literal_column("0"),
+            _HAS_A_FREE_SLOT,
+            _NOT_THE_CALLERS,
+            ~exists().where(Label.image_id == QueueItem.image_id, Label.author_id == _user_id),
+            *conditions,
+        )
+        .order_by(*_QUEUE_ORDER)
+        .limit(limit)
+        .with_for_update(skip_locked=True, key_share=True, of=QueueItem)
     )
-    .order_by(*_QUEUE_ORDER)
-    .limit(bindparam("n"))
-    .with_for_update(skip_locked=True, key_share=True, of=QueueItem)
+
+
+# A later pass's candidates: ``n`` more, none of those seen by earlier passes.
+_CANDIDATES = _candidates(
+    QueueItem.id.not_in(bindparam("seen", expanding=True)), limit=bindparam("n")
+)
+
+# The first statement of GET /queue, one round trip: the project's row, the caller's held
+# leases and the first pass's candidates, locked (as many as the held leases leave of
+# ``limit``). A row per held lease and per candidate (a candidate's lease columns NULL), the
+# project's columns on each; one row with all else NULL when there is neither; none when the
+# project does not exist. The candidates are locked before the caller's membership is checked:
+# a refused caller's transaction rolls back, and their locks go with it.
+_held = _HELD.cte("held")
+_first = _candidates(
+    limit=bindparam("limit") - select(func.count()).select_from(_held).scalar_subquery()
+).cte("first_candidates")
+_leasable = union_all(
+    select(*_held.c),
+    select(null().label("id"), null().label("expires_at"), *_first.c),
+).subquery("leasable")
+_PROJECT_HELD_AND_CANDIDATES = (
+    select(*_PROJECT.selected_columns, *_leasable.c)
+    .select_from(Project)
+    .outerjoin(_leasable, true())
+    .where(Project.id == _project_id)
 )
 
 # A lease on each locked candidate that, counted again in this new statement, still has a free
@@ -250,30 +274,36 @@ def lease_next_items(
     conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
     limit = max(1, min(limit, settings.queue_max_limit))
     params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
-    rows = conn.execute(_PROJECT_AND_HELD, {**params, "limit": limit}).all()
+    rows = conn.execute(_PROJECT_HELD_AND_CANDIDATES, {**params, "limit": limit}).all()
     if not rows:
         raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
     ttl, model_version_id, member_role = rows[0][:3]
     checked_annotator(user, project_id, member_role)
-    held = sorted(  # in queue order (a join keeps no order of its own)
-        (
-            _Leased(lease_id, expires_at, _Item(*item))
-            for _, _, _, lease_id, expires_at, *item in rows
-            if lease_id is not None
-        ),
-        key=lambda leased: (leased.item.round_number, leased.item.rank),
-    )
+    held, first = [], []
+    for _, _, _, lease_id, expires_at, *columns in rows:
+        if lease_id is not None:
+            held.append(_Leased(lease_id, expires_at, _Item(*columns)))
+        elif columns[0] is not None:
+            first.append(_Item(*columns))
+    held.sort(key=lambda leased: _queue_order(leased.item))  # a join keeps no order of its own
     wanted = limit - len(held)
-    new = _lease_new_items(conn, params, ttl, wanted) if wanted > 0 else []
+    new = _lease_new_items(conn, params, ttl, wanted, first) if wanted > 0 else []
     leased = held + new
     predictions = _predictions(conn, model_version_id, [e.item.image_id for e in leased])
     return [_entry(entry, predictions.get(entry.item.image_id)) for entry in leased]
 
 
+def _queue_order(item: _Item) -> tuple[int, int]:
+    """Queue order: round numbers grow with round ids, so (round number, rank) sorts as
+    (round_id, rank) does."""
+    return item.round_number, item.rank
+
+
 def _lease_new_items(
-    conn: Connection, params: dict[str, Any], ttl: int, wanted: int
+    conn: Connection, params: dict[str, Any], ttl: int, wanted: int, first: list[_Item]
 ) -> list[_Leased]:
-    """Lease up to ``wanted`` new items (``params``: project_id, user_id, now).
+    """Lease up to ``wanted`` new items (``params``: project_id, user_id, now), starting with the
+    first pass's candidates, ``first`` (locked by the statement that read them).
 
     Under contention (PostgreSQL) a locked candidate may turn out taken when counted again:
     another transaction leased it a moment ago. The next pass looks past it. After
@@ -289,8 +319,12 @@ def _lease_new_items(
     while len(leased) < wanted and (passes < _MAX_PASSES or not leased):
         passes += 1
         missing = wanted - len(leased)
-        rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
-        candidates = {item.id: item for item in (_Item(*row) for row in rows)}
+        if passes == 1:
+            found = sorted(first, key=_queue_order)
+        else:
+            rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
+            found = [_Item(*row) for row in rows]
+        candidates = {item.id: item for item in found}
         if not candidates:
             break
         seen += candidates
