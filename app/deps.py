@@ -12,8 +12,9 @@ each a trip through the busy event loop, and on SQLite the database's write lock
 all of them.
 
 The caller is resolved without the request's session (so authenticating takes no write lock)
-and cached for :data:`AUTH_CACHE_TTL_SECONDS` (see :class:`AuthCache`); on SQLite a miss reads
-on the event loop (a snapshot read waits for no lock), elsewhere in a worker thread.
+and cached for :data:`AUTH_CACHE_TTL_SECONDS` (see :class:`AuthCache`); a miss reads on the
+event loop on SQLite (a snapshot read waits for no lock) and on PostgreSQL with the app's
+asyncio engine, elsewhere in a worker thread.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Annotated, Any, TypeVar, cast
 
 import anyio
 from fastapi import Depends, Request
-from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy import Engine, Row, Table, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import (
@@ -167,7 +169,8 @@ class AuthCache:
     Each request gets its own detached ``User`` built from the cached columns (never one
     shared object). A miss reads the row in its own short session, read-only (on SQLite a
     deferred transaction, which neither takes nor waits for the write lock), not in the
-    request's unit of work.
+    request's unit of work; on PostgreSQL with the app's asyncio engine, in one statement on
+    the event loop (:meth:`load_async`).
     """
 
     def __init__(
@@ -196,6 +199,17 @@ class AuthCache:
             read_only = {"read_only": True} if isinstance(session.get_bind(), Engine) else None
             conn = session.connection(execution_options=read_only)
             row = conn.execute(_USER_BY_TOKEN_HASH, {"token_hash": token_hash}).first()
+        return self._cached(token_hash, row)
+
+    async def load_async(self, token_hash: str, engine: AsyncEngine) -> User | None:
+        """:meth:`load` on the event loop through ``engine`` (PostgreSQL's asyncio engine): one
+        statement in autocommit (no BEGIN, no ROLLBACK), no worker thread."""
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = (await conn.execute(_USER_BY_TOKEN_HASH, {"token_hash": token_hash})).first()
+        return self._cached(token_hash, row)
+
+    def _cached(self, token_hash: str, row: Row[Any] | None) -> User | None:
         if row is None:
             return None
         values = dict(row._mapping)
@@ -225,9 +239,14 @@ async def user_for_token(request: Request, token: str) -> User:
     cache = auth_cache(request)
     user = cache.get(token_hash)
     if user is None:
-        if _writes_on_the_loop(request.app.state.sessions):
+        state = request.app.state
+        async_sessions = getattr(state, "async_sessions", None)
+        if _writes_on_the_loop(state.sessions):
             # SQLite: a snapshot read of one row by its index, which waits for no lock (WAL).
             user = cache.load(token_hash)
+        elif async_sessions is not None and _on_an_engine(state.sessions, "postgresql"):
+            # PostgreSQL: a round trip that suspends this request only (no thread hop).
+            user = await cache.load_async(token_hash, async_sessions.kw["bind"])
         else:
             user = await anyio.to_thread.run_sync(cache.load, token_hash)
     if user is None:

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 
 from app import db as app_db
+from app.deps import AuthCache
 from app.main import create_app
 from app.models import Label, Lease
 from app.settings import Settings
@@ -239,3 +240,44 @@ def test_a_url_with_query_parameters_keeps_psycopg(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {tokens[0]}"},
         )
         assert response.status_code == 200 and len(response.json()) == 1
+
+
+def test_a_token_is_resolved_on_the_loop_through_the_asyncio_engine(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token the cache misses is read through the app's asyncio engine (no worker thread, no
+    psycopg); an unknown one is 401; a cached one is not read again; the read leaves no
+    transaction open on its pooled connection."""
+
+    def no_thread(*_: Any) -> None:
+        raise AssertionError("the token was read in a worker thread")
+
+    monkeypatch.setattr(AuthCache, "load", no_thread)
+    reads: list[str] = []
+    engine = served.app.state.async_sessions.kw["bind"].sync_engine
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        reads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        _next(served)
+        assert sum("token_hash" in s for s in reads) == 1
+        _next(served)
+        assert sum("token_hash" in s for s in reads) == 1  # cached
+        unknown = served.client.get(
+            "/queue",
+            params={"project_id": served.project_id},
+            headers={"Authorization": "Bearer not-a-token"},
+        )
+        assert unknown.status_code == 401
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    with served.db.connect() as conn:
+        open_ones = conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+        )
+    assert open_ones == 0
