@@ -86,11 +86,14 @@ _ITEM_COLUMNS = (
     Round.number,
 )
 
-_PROJECT = select(
-    Project.lease_ttl_seconds,
+_LATEST_MODEL = (
     select(func.max(ModelVersion.id))
     .where(ModelVersion.project_id == _project_id)
-    .scalar_subquery(),
+    .scalar_subquery()
+)
+_PROJECT = select(
+    Project.lease_ttl_seconds,
+    _LATEST_MODEL,
     select(ProjectMember.role)
     .where(ProjectMember.project_id == _project_id, ProjectMember.user_id == _user_id)
     .scalar_subquery(),
@@ -160,10 +163,11 @@ _CANDIDATES = _candidates(
 
 # The first statement of GET /queue, one round trip: the project's row, the caller's held
 # leases and the first pass's candidates, locked (as many as the held leases leave of
-# ``limit``). A row per held lease and per candidate (a candidate's lease columns NULL), the
-# project's columns on each; one row with all else NULL when there is neither; none when the
-# project does not exist. The candidates are locked before the caller's membership is checked:
-# a refused caller's transaction rolls back, and their locks go with it.
+# ``limit``), each with the latest model's prediction for its image, if any. A row per held
+# lease and per candidate (a candidate's lease columns NULL), the project's columns on each;
+# one row with all else NULL when there is neither; none when the project does not exist. The
+# candidates are locked before the caller's membership is checked: a refused caller's
+# transaction rolls back, and their locks go with it.
 _held = _HELD.cte("held")
 _first = _candidates(
     limit=bindparam("limit") - select(func.count()).select_from(_held).scalar_subquery()
@@ -172,10 +176,18 @@ _leasable = union_all(
     select(*_held.c),
     select(null().label("id"), null().label("expires_at"), *_first.c),
 ).subquery("leasable")
+_PREDICTION_COLUMNS = (Prediction.id, Prediction.class_probs, Prediction.mask_key)
 _PROJECT_HELD_AND_CANDIDATES = (
-    select(*_PROJECT.selected_columns, *_leasable.c)
+    select(*_PROJECT.selected_columns, *_leasable.c, *_PREDICTION_COLUMNS)
     .select_from(Project)
     .outerjoin(_leasable, true())
+    .outerjoin(  # one at most: unique per (model version, image)
+        Prediction,
+        and_(
+            Prediction.image_id == _leasable.c.image_id,
+            Prediction.model_version_id == _LATEST_MODEL,
+        ),
+    )
     .where(Project.id == _project_id)
 )
 
@@ -279,17 +291,30 @@ def lease_next_items(
         raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
     ttl, model_version_id, member_role = rows[0][:3]
     checked_annotator(user, project_id, member_role)
-    held, first = [], []
-    for _, _, _, lease_id, expires_at, *columns in rows:
+    held, first, predictions = [], [], {}
+    for row in rows:
+        lease_id, expires_at = row[3:5]
+        item_columns, (prediction_id, probs, mask_key) = row[5:-3], row[-3:]
+        if item_columns[0] is None:  # neither held leases nor candidates
+            continue
+        item = _Item(*item_columns)
         if lease_id is not None:
-            held.append(_Leased(lease_id, expires_at, _Item(*columns)))
-        elif columns[0] is not None:
-            first.append(_Item(*columns))
+            held.append(_Leased(lease_id, expires_at, item))
+        else:
+            first.append(item)
+        if prediction_id is not None:
+            predictions[item.image_id] = _prediction(
+                model_version_id, prediction_id, probs, mask_key
+            )
     held.sort(key=lambda leased: _queue_order(leased.item))  # a join keeps no order of its own
     wanted = limit - len(held)
     new = _lease_new_items(conn, params, ttl, wanted, first) if wanted > 0 else []
     leased = held + new
-    predictions = _predictions(conn, model_version_id, [e.item.image_id for e in leased])
+    # Only items found by a later pass (the first pass's were lost to other annotators) still
+    # need their predictions read.
+    read = {item.id for item in first}
+    later = [leased.item.image_id for leased in new if leased.item.id not in read]
+    predictions.update(_predictions(conn, model_version_id, later))
     return [_entry(entry, predictions.get(entry.item.image_id)) for entry in leased]
 
 
@@ -346,13 +371,19 @@ def _predictions(
         return {}
     params = {"model_version_id": model_version_id, "image_ids": image_ids}
     return {
-        image_id: PredictionOut(
-            model_version_id=model_version_id,
-            class_probs=probs,
-            mask_url=f"/predictions/{prediction_id}/mask" if mask_key else None,
-        )
+        image_id: _prediction(model_version_id, prediction_id, probs, mask_key)
         for image_id, prediction_id, probs, mask_key in conn.execute(_PREDICTIONS, params)
     }
+
+
+def _prediction(
+    model_version_id: int, prediction_id: int, probs: Any, mask_key: str | None
+) -> PredictionOut:
+    return PredictionOut(
+        model_version_id=model_version_id,
+        class_probs=probs,
+        mask_url=f"/predictions/{prediction_id}/mask" if mask_key else None,
+    )
 
 
 def _entry(leased: _Leased, prediction: PredictionOut | None) -> QueueEntry:

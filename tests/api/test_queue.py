@@ -303,6 +303,49 @@ def test_queue_carries_the_newest_model_prediction(
         "mask_url": None,
     }
     assert entries[1]["prediction"] is None
+    assert get_queue(client, annotator_headers, project) == entries  # held: the same, predicted
+
+
+def test_predictions_come_with_the_first_read_and_for_items_of_later_passes(
+    client: TestClient,
+    db: Session,
+    queue_setup: Callable[..., tuple[Project, list[QueueItem]]],
+    annotator_headers: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first pass's candidates and the held leases get their predictions in the statement
+    that reads them; only items found by a later pass (after candidates were lost to other
+    annotators) are read for predictions on their own."""
+    from app.queue import service
+
+    project, items = queue_setup(4)
+    rnd = db.scalars(select(Round).where(Round.project_id == project.id)).one()
+    model = ModelVersion(project_id=project.id, round_id=rnd.id, checkpoint_key="c/0", sha256="0")
+    db.add(model)
+    db.commit()
+    db.add_all(
+        Prediction(model_version_id=model.id, image_id=item.image_id, class_probs=[i, 1 - i])
+        for i, item in enumerate(items)
+    )
+    db.commit()
+    asked: list[list[int]] = []
+    real = service._predictions
+
+    def recording(conn: Any, model_version_id: int | None, image_ids: list[int]) -> Any:
+        asked.append(image_ids)
+        return real(conn, model_version_id, image_ids)
+
+    monkeypatch.setattr(service, "_predictions", recording)
+
+    (first,) = get_queue(client, annotator_headers, project, limit=1)
+    assert first["prediction"]["class_probs"] == [0, 1] and asked == [[]]
+    lost = _lose_candidates(monkeypatch, 1)
+    second, third = get_queue(client, annotator_headers, project, limit=3)
+    assert lost == [items[1].id, items[2].id]  # the first pass lost both
+    assert second == first  # held
+    assert third["queue_item_id"] == items[3].id  # found by the second pass
+    assert third["prediction"]["class_probs"] == [3, -2]
+    assert asked[-1] == [items[3].image_id]
 
 
 def test_queue_of_an_unknown_project_and_without_a_token(
