@@ -27,7 +27,7 @@ from typing import Annotated, Any, TypeVar, cast
 import anyio
 from fastapi import Depends, Request
 from sqlalchemy import Engine, Row, Table, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import (
@@ -83,6 +83,15 @@ def _on_an_engine(factory: sessionmaker[Session], dialect: str) -> bool:
     return isinstance(bind, Engine) and bind.dialect.name == dialect
 
 
+def _loop_sessions(state: Any) -> async_sessionmaker[AsyncSession] | None:
+    """The app's asyncio sessions (PostgreSQL: :func:`app.db.make_async_engine`, in the
+    lifespan) when its sessions are on an engine (not a test's connection); else None."""
+    async_sessions: async_sessionmaker[AsyncSession] | None = getattr(state, "async_sessions", None)
+    if async_sessions is not None and _on_an_engine(state.sessions, "postgresql"):
+        return async_sessions
+    return None
+
+
 def _writes_on_the_loop(factory: sessionmaker[Session]) -> bool:
     """Whether transactions of ``factory`` may run on the event loop: SQLite, on an engine."""
     return _on_an_engine(factory, "sqlite")
@@ -113,8 +122,8 @@ async def in_unit_of_work(request: Request, work: Callable[[Session], T]) -> T:
     after every round trip while their transactions stayed open.
     """
     state = request.app.state
-    async_sessions = getattr(state, "async_sessions", None)
-    if async_sessions is not None and _on_an_engine(state.sessions, "postgresql"):
+    async_sessions = _loop_sessions(state)
+    if async_sessions is not None:
         result, callbacks = await unit_of_work_async(async_sessions, work)
         if callbacks:
             await anyio.to_thread.run_sync(run_callbacks, callbacks)
@@ -240,11 +249,11 @@ async def user_for_token(request: Request, token: str) -> User:
     user = cache.get(token_hash)
     if user is None:
         state = request.app.state
-        async_sessions = getattr(state, "async_sessions", None)
+        async_sessions = _loop_sessions(state)
         if _writes_on_the_loop(state.sessions):
             # SQLite: a snapshot read of one row by its index, which waits for no lock (WAL).
             user = cache.load(token_hash)
-        elif async_sessions is not None and _on_an_engine(state.sessions, "postgresql"):
+        elif async_sessions is not None:
             # PostgreSQL: a round trip that suspends this request only (no thread hop).
             user = await cache.load_async(token_hash, async_sessions.kw["bind"])
         else:
