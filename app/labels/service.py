@@ -19,7 +19,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
-    Row,
     Table,
     Update,
     bindparam,
@@ -64,6 +63,7 @@ from app.models import (
 from app.queue.service import LOCK_ITEM_OF_LEASE, require_project
 from app.review.service import ImageFacts, check_image
 from app.rounds.service import maybe_start_auto_round
+from app.rows import fetch_rows
 from app.settings import Settings
 from app.storage import Storage
 from app.webhooks.models import WebhookSubscription
@@ -350,7 +350,7 @@ def _create_label(
         "key": data.idempotency_key,
         "lease_id": data.lease_id,
     }
-    row = conn.execute(_TARGET, params).first()
+    row = next(iter(fetch_rows(conn, _TARGET, params)), None)
     existing_id = row.label_under_key if row is not None else conn.scalar(_BY_KEY, params)
     existing = None if existing_id is None else session.get(Label, existing_id)
     if existing is not None:  # a retry: checked against the label it repeats
@@ -412,7 +412,7 @@ def _create_label(
     return label, True, target.classes
 
 
-def _checked_target(row: Row[Any] | None, image_id: int, user: User) -> _Target:
+def _checked_target(row: Any, image_id: int, user: User) -> _Target:
     """The image a label is for (``row`` of ``_TARGET``), if ``user`` may read it (an annotator
     member, or an admin)."""
     if row is None or (row.member_role is None and user.role != Role.admin):
@@ -645,7 +645,7 @@ def _insert_label_with_lease(
         "p_author_id": user.id,
         "now": now,
     }
-    row = conn.execute(_LABEL_WITH_LEASE, params).first()
+    row = next(iter(fetch_rows(conn, _LABEL_WITH_LEASE, params)), None)
     lease = _lease_checked(row, target, user, lease_id)
     assert row is not None  # _lease_checked raised otherwise
     return lease, row.label_id, row.event_id

@@ -59,6 +59,7 @@ from app.models import (
     utcnow,
 )
 from app.queue.schemas import PredictionOut, QueueEntry, Scores
+from app.rows import fetch_rows
 from app.settings import Settings
 
 # Candidate batches tried before answering with fewer items than asked (but at least one: see
@@ -286,7 +287,7 @@ def lease_next_items(
     conn = session.connection()  # Core: plain rows, no ORM bookkeeping (nothing to flush)
     limit = max(1, min(limit, settings.queue_max_limit))
     params = {"project_id": project_id, "user_id": user.id, "now": utcnow()}
-    rows = conn.execute(_PROJECT_HELD_AND_CANDIDATES, {**params, "limit": limit}).all()
+    rows = fetch_rows(conn, _PROJECT_HELD_AND_CANDIDATES, {**params, "limit": limit})
     if not rows:
         raise NotFound(f"Project {project_id} does not exist.", code="ProjectNotFound")
     ttl, model_version_id, member_role = rows[0][:3]
@@ -347,14 +348,15 @@ def _lease_new_items(
         if passes == 1:
             found = sorted(first, key=_queue_order)
         else:
-            rows = conn.execute(_CANDIDATES, {**params, "n": missing, "seen": seen})
+            rows = fetch_rows(conn, _CANDIDATES, {**params, "n": missing, "seen": seen})
             found = [_Item(*row) for row in rows]
         candidates = {item.id: item for item in found}
         if not candidates:
             break
         seen += candidates
         order = {item_id: i for i, item_id in enumerate(candidates)}
-        returned = conn.execute(
+        returned = fetch_rows(
+            conn,
             _LEASE_IF_STILL_FREE,
             {**params, "item_ids": list(candidates), "n": missing, "expires_at": expires_at},
         )
