@@ -63,7 +63,16 @@ class _Compiled:
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         self.statement = statement  # held: the cache is keyed by its id
         self.dialect = dialect
-        self.compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
+        self.compiled = compiled = cast(
+            SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect)
+        )
+        # Without parameters rendered at execution (expanding IN lists), the SQL and the order
+        # of its parameters are fixed: each execution then needs only its values, processed.
+        self.fixed = not (compiled.post_compile_params or compiled.literal_execute_params)
+        self.positions = [
+            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in compiled.positiontup or ()
+        ]
         self.shapes: dict[tuple[Any, ...], tuple[type[Row], list[Processor | None] | None]] = {}
 
     def shape(self, description: Sequence[Any]) -> tuple[type[Row], list[Processor | None] | None]:
@@ -107,22 +116,29 @@ def fetch_rows(conn: Connection, statement: Executable, params: Mapping[str, Any
     if dialect.driver != "asyncpg":
         return conn.execute(statement, dict(params)).all()
     compiled = _compiled_for(statement, dialect)
-    state = compiled.compiled.construct_expanded_state(params)
-    bind_processors = state.processors
-    values = state.parameters
-    positional = [
-        bind_processors[name](values[name]) if name in bind_processors else values[name]
-        for name in state.positiontup or ()
-    ]
+    if compiled.fixed:
+        sql = compiled.compiled.string
+        values: Mapping[str, Any] = compiled.compiled.construct_params(params, escape_names=False)
+        positional = [
+            values[name] if process is None else process(values[name])
+            for name, process in compiled.positions
+        ]
+    else:
+        state = compiled.compiled.construct_expanded_state(params)
+        sql, values, bind_processors = state.statement, state.parameters, state.processors
+        positional = [
+            bind_processors[name](values[name]) if name in bind_processors else values[name]
+            for name in state.positiontup or ()
+        ]
     dbapi_connection = conn.connection.dbapi_connection
     assert dbapi_connection is not None  # a Connection in use holds one
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(state.statement, positional)
+        cursor.execute(sql, positional)
         description = cursor.description
         raw: Sequence[Any] = cursor.fetchall() if description is not None else ()
     except Exception as error:
-        _raise_as_core_does(conn, state.statement, positional, error, cursor)
+        _raise_as_core_does(conn, sql, positional, error, cursor)
     finally:
         cursor.close()
     if not raw:
