@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.dbapi_rows import fetch_rows
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.labels.kinds import Submission, kind_of
 from app.labels.masks import (
@@ -63,7 +64,6 @@ from app.models import (
 from app.queue.service import LOCK_ITEM_OF_LEASE, require_project
 from app.review.service import ImageFacts, check_image
 from app.rounds.service import maybe_start_auto_round
-from app.rows import fetch_rows
 from app.settings import Settings
 from app.storage import Storage
 from app.webhooks.models import WebhookSubscription

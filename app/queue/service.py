@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from app.dbapi_rows import fetch_rows
 from app.errors import Conflict, Forbidden, NotFound
 from app.members.service import checked_annotator, require_member
 from app.models import (
@@ -59,7 +60,6 @@ from app.models import (
     utcnow,
 )
 from app.queue.schemas import PredictionOut, QueueEntry, Scores
-from app.rows import fetch_rows
 from app.settings import Settings
 
 # Candidate batches tried before answering with fewer items than asked (but at least one: see

@@ -1,4 +1,4 @@
-"""``app.rows.fetch_rows``: the hot statements at the DBAPI level on asyncpg, giving what Core
+"""``app.dbapi_rows.fetch_rows``: the hot statements at the DBAPI level on asyncpg, giving what Core
 gives (values, types, errors) in the session's own transaction."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import make_async_engine, make_async_sessionmaker, make_engine
+from app.dbapi_rows import _row_class, fetch_rows
 from app.labels.service import _TARGET
 from app.models import Image, Lease, QueueItem, User, utcnow
 from app.queue.service import _CANDIDATES, _LEASE_IF_STILL_FREE, _PROJECT_HELD_AND_CANDIDATES
-from app.rows import _row_class, fetch_rows
 from app.settings import Settings
 from benchmarks.load import _populate
 from tests.conftest import create_pg_database
