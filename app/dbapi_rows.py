@@ -56,9 +56,10 @@ Processor = Callable[[Any], Any]
 
 
 class _Compiled:
-    """A statement compiled for one dialect; per shape of its result (the columns' names and
-    database types, as the cursor describes them), a row class and the columns' result
-    processors (None when no column has one)."""
+    """A statement compiled for one dialect; per SQL it was executed as (an expanding IN list
+    gives one per length), a row class and the columns' result processors (None when no column
+    has one), made from the cursor's description (names and database types) at the first
+    execution, as SQLAlchemy keeps a compiled statement's result metadata."""
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         self.statement = statement  # held: the cache is keyed by its id
@@ -73,22 +74,25 @@ class _Compiled:
             (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
             for name in compiled.positiontup or ()
         ]
-        self.shapes: dict[tuple[Any, ...], tuple[type[Row], list[Processor | None] | None]] = {}
+        self.shapes: dict[str, tuple[type[Row], list[Processor | None] | None]] = {}
 
-    def shape(self, description: Sequence[Any]) -> tuple[type[Row], list[Processor | None] | None]:
-        key = tuple((column[0], column[1]) for column in description)
-        found = self.shapes.get(key)
+    def shape(
+        self, sql: str, description: Sequence[Any]
+    ) -> tuple[type[Row], list[Processor | None] | None]:
+        found = self.shapes.get(sql)
         if found is None:
-            names = tuple(name for name, _ in key)
+            names = tuple(column[0] for column in description)
             processors = None
             if isinstance(self.statement, ReturnsRows):
                 columns = list(self.statement.exported_columns)
-                assert len(columns) == len(key), "the cursor's columns are not the statement's"
+                assert len(columns) == len(names), "the cursor's columns are not the statement's"
                 processors = [
-                    column.type.dialect_impl(self.dialect).result_processor(self.dialect, oid)
-                    for column, (_, oid) in zip(columns, key, strict=True)
+                    column.type.dialect_impl(self.dialect).result_processor(self.dialect, cursor[1])
+                    for column, cursor in zip(columns, description, strict=True)
                 ]
-            found = self.shapes[key] = (
+            if len(self.shapes) >= _MAX_COMPILED:
+                self.shapes.clear()
+            found = self.shapes[sql] = (
                 _row_class(names),
                 processors if any(processors or ()) else None,
             )
@@ -144,7 +148,7 @@ def fetch_rows(conn: Connection, statement: Executable, params: Mapping[str, Any
     if not raw:
         return []
     assert description is not None
-    row_class, processors = compiled.shape(description)
+    row_class, processors = compiled.shape(sql, description)
     if processors is None:
         return [row_class(record) for record in raw]
     return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -204,3 +205,16 @@ def test_rows_have_their_columns_as_attributes() -> None:
     with engine.connect() as conn:
         (only,) = fetch_rows(conn, select(literal(7).label("seven")), {})
     assert only.seven == 7 and type(only).__module__.startswith("sqlalchemy")
+
+
+@pytest.mark.postgres
+def test_the_statement_cost_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks.statement_cost``, tiny: one JSON line with the three ways' CPU per
+    statement and their ratios to Core."""
+    from benchmarks.statement_cost import WAYS, main
+
+    assert main(["--n", "20", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["cpu_us_per_statement"]) == set(WAYS)
+    assert all(us > 0 for us in report["cpu_us_per_statement"].values())
+    assert report["ratio_to_core"]["core"] == 1.0

@@ -1,0 +1,123 @@
+"""What one hot statement costs the API's process on PostgreSQL, by the way it is executed.
+
+The label's first statement (``app.labels.service._TARGET``: the image, its project, the
+caller's role, any label under the idempotency key) runs ``--n`` times in one transaction of an
+asyncpg session, as the API's hot routes run it, three ways:
+
+- ``core``: SQLAlchemy Core, ``conn.execute(statement, params).all()`` (how it ran before);
+- ``fetch_rows``: ``app.dbapi_rows.fetch_rows`` (how it runs now);
+- ``asyncpg``: the compiled SQL straight to asyncpg's ``fetch``, the floor (no processing, no
+  error translation).
+
+It prints one JSON line: the CPU time of this process per statement (µs, the round trip's
+send and receive included) and per way, the best of ``--repeats``, and the ratios to ``core``.
+The database is made (and dropped) on the test server, as ``benchmarks.load`` does.
+
+    .venv/bin/python -m benchmarks.statement_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db import make_async_engine, make_async_sessionmaker, make_engine
+from app.dbapi_rows import fetch_rows
+from app.labels.service import _TARGET
+from app.models import Image, User
+from app.settings import Settings
+from benchmarks.load import _database_url, _populate
+
+WAYS = ("core", "fetch_rows", "asyncpg")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(session: Session, way: str, n: int, params: dict[str, Any]) -> float:
+    """CPU seconds of this process for ``n`` executions of ``_TARGET`` the ``way`` given."""
+    conn = session.connection()
+    run: Callable[[], Any]
+    if way == "core":
+        run = lambda: conn.execute(_TARGET, params).all()  # noqa: E731
+    elif way == "fetch_rows":
+        run = lambda: fetch_rows(conn, _TARGET, params)  # noqa: E731
+    else:
+        from sqlalchemy.util import await_
+
+        state = _TARGET.compile(dialect=conn.dialect).construct_expanded_state(params)
+        args = state.positional_parameters
+        driver = conn.connection.driver_connection
+        run = lambda: await_(driver.fetch(state.statement, *args))  # noqa: E731
+    for _ in range(min(n, 100)):  # warm: prepared statements, caches
+        run()
+    start = _cpu_seconds()
+    for _ in range(n):
+        run()
+    return _cpu_seconds() - start
+
+
+def measure(url: str, n: int, repeats: int) -> dict[str, Any]:
+    engine = make_engine(Settings(data_dir=Path(tempfile.mkdtemp()), database_url=url))
+    with engine.connect() as conn:
+        user_id = conn.scalar(select(func.min(User.id)))
+        image_id = conn.scalar(select(func.min(Image.id)))
+    params = {"image_id": image_id, "user_id": user_id, "key": "k", "lease_id": None}
+
+    async def run() -> dict[str, float]:
+        async_engine = make_async_engine(engine)
+        assert async_engine is not None and async_engine.dialect.driver == "asyncpg"
+        best = {way: float("inf") for way in WAYS}
+        try:
+            for _ in range(repeats):
+                for way in WAYS:
+                    async with make_async_sessionmaker(async_engine)() as session:
+                        seconds = await session.run_sync(_timed, way, n, params)
+                        await session.rollback()
+                    best[way] = min(best[way], seconds)
+        finally:
+            await async_engine.dispose()
+        return best
+
+    best = asyncio.run(run())
+    engine.dispose()
+    per_statement = {way: round(1e6 * seconds / n, 1) for way, seconds in best.items()}
+    return {
+        "statement": "app.labels.service._TARGET",
+        "n": n,
+        "repeats": repeats,
+        "cpu_us_per_statement": per_statement,
+        "ratio_to_core": {
+            way: round(us / per_statement["core"], 3) for way, us in per_statement.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=3000, help="statements per way and repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="the best of these is kept")
+    args = parser.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        _database_url("postgresql", Path(directory)) as url,
+    ):
+        settings = Settings(data_dir=Path(directory), database_url=url)
+        _populate(settings, argparse.Namespace(annotators=2, items=50, overlap=1))
+        print(json.dumps(measure(url, args.n, args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
