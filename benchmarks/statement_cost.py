@@ -1,4 +1,5 @@
-"""What one hot statement costs the API's process on PostgreSQL, by the way it is executed.
+"""What one hot statement, and a transaction of two, cost the API's process on PostgreSQL, by
+the way they are executed.
 
 The label's first statement (``app.labels.service._TARGET``: the image, its project, the
 caller's role, any label under the idempotency key) runs ``--n`` times in one transaction of an
@@ -9,8 +10,16 @@ asyncpg session, as the API's hot routes run it, three ways:
 - ``asyncpg``: the compiled SQL straight to asyncpg's ``fetch``, the floor (no processing, no
   error translation).
 
-It prints one JSON line: the CPU time of this process per statement (µs, the round trip's
-send and receive included) and per way, the best of ``--repeats``, and the ratios to ``core``.
+Then a whole transaction of two such statements, ``--n`` times, two ways:
+
+- ``session``: as the API runs one (``app.db.unit_of_work_async``: an asyncio session, the work
+  in a greenlet, ``fetch_rows`` twice, the commit; the pool's checkout and check-in);
+- ``asyncpg``: ``BEGIN``, the two statements and ``COMMIT`` on one asyncpg connection, the
+  floor.
+
+It prints one JSON line: the CPU time of this process per statement and per transaction (µs,
+the round trips' sends and receives included), per way, the best of ``--repeats``, and the
+ratios to the first way.
 The database is made (and dropped) on the test server, as ``benchmarks.load`` does.
 
     .venv/bin/python -m benchmarks.statement_cost
@@ -27,10 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db import make_async_engine, make_async_sessionmaker, make_engine
+from app.db import make_async_engine, make_async_sessionmaker, make_engine, unit_of_work_async
 from app.dbapi_rows import fetch_rows
 from app.labels.service import _TARGET
 from app.models import Image, User
@@ -38,6 +48,7 @@ from app.settings import Settings
 from benchmarks.load import _database_url, _populate
 
 WAYS = ("core", "fetch_rows", "asyncpg")
+TRANSACTION_WAYS = ("session", "asyncpg_transaction")
 
 
 def _cpu_seconds() -> float:
@@ -68,6 +79,47 @@ def _timed(session: Session, way: str, n: int, params: dict[str, Any]) -> float:
     return _cpu_seconds() - start
 
 
+def _transactions(engine: Any, way: str, n: int, params: dict[str, Any]) -> Any:
+    """A coroutine: CPU seconds of this process for ``n`` transactions of two ``_TARGET``s."""
+
+    async def run() -> float:
+        if way == "session":
+            sessions = make_async_sessionmaker(engine)
+
+            def work(session: Session) -> None:
+                fetch_rows(session.connection(), _TARGET, params)
+                fetch_rows(session.connection(), _TARGET, params)
+
+            async def one() -> None:
+                await unit_of_work_async(sessions, work)
+
+        else:
+            async with engine.connect() as conn:
+                dialect = conn.dialect
+            state = _TARGET.compile(dialect=dialect).construct_expanded_state(params)
+            sql, args = state.statement, state.positional_parameters
+            url = engine.url.set(drivername="postgresql")
+            driver = await asyncpg.connect(url.render_as_string(hide_password=False))
+
+            async def one() -> None:
+                async with driver.transaction():
+                    await driver.fetch(sql, *args)
+                    await driver.fetch(sql, *args)
+
+        try:
+            for _ in range(min(n, 100)):
+                await one()
+            start = _cpu_seconds()
+            for _ in range(n):
+                await one()
+            return _cpu_seconds() - start
+        finally:
+            if way != "session":
+                await driver.close()
+
+    return run()
+
+
 def measure(url: str, n: int, repeats: int) -> dict[str, Any]:
     engine = make_engine(Settings(data_dir=Path(tempfile.mkdtemp()), database_url=url))
     with engine.connect() as conn:
@@ -78,7 +130,7 @@ def measure(url: str, n: int, repeats: int) -> dict[str, Any]:
     async def run() -> dict[str, float]:
         async_engine = make_async_engine(engine)
         assert async_engine is not None and async_engine.dialect.driver == "asyncpg"
-        best = {way: float("inf") for way in WAYS}
+        best = {way: float("inf") for way in (*WAYS, *TRANSACTION_WAYS)}
         try:
             for _ in range(repeats):
                 for way in WAYS:
@@ -86,20 +138,29 @@ def measure(url: str, n: int, repeats: int) -> dict[str, Any]:
                         seconds = await session.run_sync(_timed, way, n, params)
                         await session.rollback()
                     best[way] = min(best[way], seconds)
+                for way in TRANSACTION_WAYS:
+                    seconds = await _transactions(async_engine, way, n, params)
+                    best[way] = min(best[way], seconds)
         finally:
             await async_engine.dispose()
         return best
 
     best = asyncio.run(run())
     engine.dispose()
-    per_statement = {way: round(1e6 * seconds / n, 1) for way, seconds in best.items()}
+    us = {way: round(1e6 * seconds / n, 1) for way, seconds in best.items()}
+    per_statement = {way: us[way] for way in WAYS}
+    per_transaction = {way: us[way] for way in TRANSACTION_WAYS}
     return {
         "statement": "app.labels.service._TARGET",
         "n": n,
         "repeats": repeats,
         "cpu_us_per_statement": per_statement,
         "ratio_to_core": {
-            way: round(us / per_statement["core"], 3) for way, us in per_statement.items()
+            way: round(v / per_statement["core"], 3) for way, v in per_statement.items()
+        },
+        "cpu_us_per_transaction_of_two": per_transaction,
+        "ratio_to_session": {
+            way: round(v / per_transaction["session"], 3) for way, v in per_transaction.items()
         },
     }
 

@@ -210,11 +210,13 @@ def test_rows_have_their_columns_as_attributes() -> None:
 @pytest.mark.postgres
 def test_the_statement_cost_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """``benchmarks.statement_cost``, tiny: one JSON line with the three ways' CPU per
-    statement and their ratios to Core."""
-    from benchmarks.statement_cost import WAYS, main
+    statement, the two ways' per transaction, and their ratios."""
+    from benchmarks.statement_cost import TRANSACTION_WAYS, WAYS, main
 
     assert main(["--n", "20", "--repeats", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["cpu_us_per_statement"]) == set(WAYS)
     assert all(us > 0 for us in report["cpu_us_per_statement"].values())
     assert report["ratio_to_core"]["core"] == 1.0
+    assert set(report["cpu_us_per_transaction_of_two"]) == set(TRANSACTION_WAYS)
+    assert all(us > 0 for us in report["cpu_us_per_transaction_of_two"].values())
