@@ -18,6 +18,9 @@ parameters to the DBAPI cursor of the connection that the session already holds:
 
 On other drivers (SQLite's in-process calls cost little), it is ``conn.execute(...).all()``.
 Rows are tuples whose columns are also attributes, by the names the database gives them.
+
+What Core's execution adds and this leaves out: its execution events (``before_cursor_execute``
+and the like, which SQL tracers hook into) and ``echo``'s logging do not see these statements.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class _Compiled:
     execution, as SQLAlchemy keeps a compiled statement's result metadata."""
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
-        self.statement = statement  # held: the cache is keyed by its id
+        self.statement = statement  # both held: the cache is keyed by their ids
         self.dialect = dialect
         self.compiled = compiled = cast(
             SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect)
@@ -106,7 +109,7 @@ _compiled: dict[tuple[int, int], _Compiled] = {}
 def _compiled_for(statement: Executable, dialect: Dialect) -> _Compiled:
     key = (id(statement), id(dialect))
     found = _compiled.get(key)
-    if found is None or found.statement is not statement:
+    if found is None or found.statement is not statement or found.dialect is not dialect:
         if len(_compiled) >= _MAX_COMPILED:
             _compiled.clear()
         found = _compiled[key] = _Compiled(statement, dialect)
