@@ -57,7 +57,8 @@ def _on_asyncpg(engine: Engine, work: Callable[[Session], T], commit: bool = Fal
         finally:
             await async_engine.dispose()
 
-    # On a loop of its own thread: a test before this one may leave a loop running in this one.
+    # On a loop of its own thread: once a browser test has run, pytest-playwright's sync
+    # Playwright (session-wide) leaves its loop as this thread's running loop.
     with start_blocking_portal() as portal:
         return portal.call(run)
 
