@@ -4,7 +4,7 @@ On PostgreSQL a cycle of the annotation loop (GET /queue, then POST /labels) run
 statements that are built once at import (``app.queue.service``, ``app.labels.service``).
 Through SQLAlchemy Core, each execution built an execution context, a cursor result and its
 rows around the driver's call: ``benchmarks.statement_cost`` puts the label's first statement at
-126-133 µs of the API's CPU through Core, 89-95 µs through this module and 72-78 µs through
+124-128 µs of the API's CPU through Core, 87-90 µs through this module and 69-72 µs through
 asyncpg alone, the round trip included.
 :func:`fetch_rows` compiles such a statement once per dialect and hands the SQL and its
 parameters to the DBAPI cursor of the connection that the session already holds:
@@ -26,7 +26,7 @@ and the like, which SQL tracers hook into) and ``echo``'s logging do not see the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from sqlalchemy import Connection, Executable
 from sqlalchemy.engine.interfaces import Dialect
@@ -182,7 +182,7 @@ def _row_class(names: tuple[str, ...]) -> type[Row]:
 
 def _raise_as_core_does(
     conn: Connection, sql: str, params: list[Any], error: Exception, cursor: Any
-) -> Any:
+) -> NoReturn:
     """Raise ``error`` as Core would have: wrapped by ``DBAPIError.instance`` (a DBAPI error as
     its SQLAlchemy class, anything else as a ``StatementError``), the connection invalidated
     when the error says it was lost."""

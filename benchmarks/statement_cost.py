@@ -38,7 +38,9 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_
 
 from app.db import make_async_engine, make_async_sessionmaker, make_engine, unit_of_work_async
 from app.dbapi_rows import fetch_rows
@@ -57,19 +59,20 @@ def _cpu_seconds() -> float:
 
 
 def _timed(session: Session, way: str, n: int, params: dict[str, Any]) -> float:
-    """CPU seconds of this process for ``n`` executions of ``_TARGET`` the ``way`` given."""
+    """CPU seconds of this process for ``n`` executions of ``_TARGET`` the ``way`` given, all
+    in the session's transaction (begun first, so the three ways run inside one alike)."""
     conn = session.connection()
+    conn.exec_driver_sql("SELECT 1")  # sends BEGIN: asyncpg's own calls would not
     run: Callable[[], Any]
     if way == "core":
         run = lambda: conn.execute(_TARGET, params).all()  # noqa: E731
     elif way == "fetch_rows":
         run = lambda: fetch_rows(conn, _TARGET, params)  # noqa: E731
     else:
-        from sqlalchemy.util import await_
-
         state = _TARGET.compile(dialect=conn.dialect).construct_expanded_state(params)
         args = state.positional_parameters
         driver = conn.connection.driver_connection
+        assert driver is not None
         run = lambda: await_(driver.fetch(state.statement, *args))  # noqa: E731
     for _ in range(min(n, 100)):  # warm: prepared statements, caches
         run()
@@ -79,49 +82,44 @@ def _timed(session: Session, way: str, n: int, params: dict[str, Any]) -> float:
     return _cpu_seconds() - start
 
 
-def _transactions(engine: Any, way: str, n: int, params: dict[str, Any]) -> Any:
-    """A coroutine: CPU seconds of this process for ``n`` transactions of two ``_TARGET``s."""
+async def _transactions(engine: AsyncEngine, way: str, n: int, params: dict[str, Any]) -> float:
+    """CPU seconds of this process for ``n`` transactions of two ``_TARGET``s."""
+    driver = None
+    if way == "session":
+        sessions = make_async_sessionmaker(engine)
 
-    async def run() -> float:
-        if way == "session":
-            sessions = make_async_sessionmaker(engine)
+        def work(session: Session) -> None:
+            fetch_rows(session.connection(), _TARGET, params)
+            fetch_rows(session.connection(), _TARGET, params)
 
-            def work(session: Session) -> None:
-                fetch_rows(session.connection(), _TARGET, params)
-                fetch_rows(session.connection(), _TARGET, params)
+        async def one() -> None:
+            await unit_of_work_async(sessions, work)
 
-            async def one() -> None:
-                await unit_of_work_async(sessions, work)
+    else:
+        state = _TARGET.compile(dialect=engine.dialect).construct_expanded_state(params)
+        sql, args = state.statement, state.positional_parameters
+        url = engine.url.set(drivername="postgresql")
+        driver = connection = await asyncpg.connect(url.render_as_string(hide_password=False))
 
-        else:
-            async with engine.connect() as conn:
-                dialect = conn.dialect
-            state = _TARGET.compile(dialect=dialect).construct_expanded_state(params)
-            sql, args = state.statement, state.positional_parameters
-            url = engine.url.set(drivername="postgresql")
-            driver = await asyncpg.connect(url.render_as_string(hide_password=False))
+        async def one() -> None:
+            async with connection.transaction():
+                await connection.fetch(sql, *args)
+                await connection.fetch(sql, *args)
 
-            async def one() -> None:
-                async with driver.transaction():
-                    await driver.fetch(sql, *args)
-                    await driver.fetch(sql, *args)
-
-        try:
-            for _ in range(min(n, 100)):
-                await one()
-            start = _cpu_seconds()
-            for _ in range(n):
-                await one()
-            return _cpu_seconds() - start
-        finally:
-            if way != "session":
-                await driver.close()
-
-    return run()
+    try:
+        for _ in range(min(n, 100)):
+            await one()
+        start = _cpu_seconds()
+        for _ in range(n):
+            await one()
+        return _cpu_seconds() - start
+    finally:
+        if driver is not None:
+            await driver.close()
 
 
-def measure(url: str, n: int, repeats: int) -> dict[str, Any]:
-    engine = make_engine(Settings(data_dir=Path(tempfile.mkdtemp()), database_url=url))
+def measure(settings: Settings, n: int, repeats: int) -> dict[str, Any]:
+    engine = make_engine(settings)
     with engine.connect() as conn:
         user_id = conn.scalar(select(func.min(User.id)))
         image_id = conn.scalar(select(func.min(Image.id)))
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         settings = Settings(data_dir=Path(directory), database_url=url)
         _populate(settings, argparse.Namespace(annotators=2, items=50, overlap=1))
-        print(json.dumps(measure(url, args.n, args.repeats)))
+        print(json.dumps(measure(settings, args.n, args.repeats)))
     return 0
 
 
