@@ -19,6 +19,13 @@ two phases against the same server:
    from the send time would hide that queueing (coordinated omission). Arrivals still waiting
    ``--open-seconds`` after the timetable ends are dropped and counted as ``not_started``.
 
+The annotators' client is ``benchmarks.lean_http`` (``--client lean``): a kept-alive socket
+with httptools' parser, about 40 µs of CPU per request here. ``--client httpx`` runs httpx
+instead, about 450 µs per request: on a machine shared with the server that CPU is taken from
+the server, and most from the deployment that can use every core (PostgreSQL's API processes
+and backends), while SQLite's single API process is held to one core whatever the client
+leaves. Annotators on other machines cost the server nothing of the kind.
+
 After each phase it counts in the database the items leased beyond the project's overlap, the
 images read more than ``overlap`` times or twice by one annotator, and the labels lost. It
 measures the CPU seconds of the server's process tree (the server, its uvicorn workers and,
@@ -79,6 +86,7 @@ from app.models import (
 )
 from app.security import hash_token, new_token
 from app.settings import Settings
+from benchmarks import lean_http
 from coreloop.cli import default_workers
 
 PG_SERVER_URL = os.environ.get(
@@ -382,7 +390,23 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.
     raise RuntimeError("the server did not become ready")
 
 
-def _count_error(sample: Sample, response: httpx.Response) -> None:
+# The annotators' HTTP clients (--client): a connection each, the same few methods (get with
+# params, post with json; responses with status_code and json()).
+Client = lean_http.Client | httpx.Client
+CLIENTS = ("lean", "httpx")
+_TRANSPORT_ERRORS = (lean_http.TransportError, httpx.TransportError)
+
+
+def _client(kind: str, base_url: str, token: str) -> Client:
+    """An annotator's client: ``lean`` (benchmarks.lean_http, the default: about a tenth of
+    httpx's CPU per request, which is taken from the server on a shared machine) or ``httpx``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if kind == "httpx":
+        return httpx.Client(base_url=base_url, headers=headers, timeout=30.0)
+    return lean_http.Client(base_url, headers=headers, timeout=30.0)
+
+
+def _count_error(sample: Sample, response: lean_http.Response | httpx.Response) -> None:
     try:
         code = str(response.json().get("error"))
     except ValueError:
@@ -391,6 +415,7 @@ def _count_error(sample: Sample, response: httpx.Response) -> None:
 
 
 def _annotate(
+    client_kind: str,
     base_url: str,
     token: str,
     project_id: int,
@@ -404,8 +429,7 @@ def _annotate(
     """
     record_from, stop_at = window
     sample, warm = Sample(), Sample()
-    headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
+    with _client(client_kind, base_url, token) as client:
         start.wait()
         while time.monotonic() < stop_at:
             _safe_cycle(client, project_id, sample if time.monotonic() >= record_from else warm)
@@ -413,18 +437,18 @@ def _annotate(
     return sample
 
 
-def _safe_cycle(client: httpx.Client, project_id: int, sample: Sample) -> None:
+def _safe_cycle(client: Client, project_id: int, sample: Sample) -> None:
     """One cycle; a transport error (the server dropped the connection, or is gone) counts
     as an error of its type instead of ending the annotator's thread."""
     try:
         _one_cycle(client, project_id, sample)
-    except httpx.TransportError as exc:
-        code = type(exc).__name__
+    except _TRANSPORT_ERRORS as exc:
+        code = type(exc.__cause__ or exc).__name__
         sample.errors[code] = sample.errors.get(code, 0) + 1
         time.sleep(0.01)
 
 
-def _one_cycle(client: httpx.Client, project_id: int, sample: Sample) -> None:
+def _one_cycle(client: Client, project_id: int, sample: Sample) -> None:
     for _ in (0,):
         t0 = time.perf_counter()
         queue = client.get("/queue", params={"project_id": project_id, "limit": 1})
@@ -495,7 +519,7 @@ def _run_annotators(
     window = (began + args.warmup, began + args.warmup + args.seconds)
 
     def run(i: int) -> None:
-        samples[i] = _annotate(base_url, tokens[i], project_id, window, start)
+        samples[i] = _annotate(args.client, base_url, tokens[i], project_id, window, start)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tokens))]
     for thread in threads:
@@ -546,9 +570,8 @@ def _run_open_loop(
 
     def run(i: int) -> None:
         sample = samples[i]
-        headers = {"Authorization": f"Bearer {tokens[i]}"}
-        with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
-            with suppress(httpx.TransportError):  # else the first arrival connects
+        with _client(args.client, base_url, tokens[i]) as client:
+            with suppress(*_TRANSPORT_ERRORS):  # else the first arrival connects
                 client.get("/health")  # connected before the clock starts
             ready.wait()
             go.wait()
@@ -729,6 +752,7 @@ def _report(
         "annotators": args.annotators,
         "server": "coreloop serve" if args.serve else "uvicorn",
         "workers": _api_processes(args),
+        "client": args.client,
         "seconds": round(elapsed, 2),
         "cycles": len(cycles),
         "cycles_per_s": round(len(cycles) / elapsed, 1),
@@ -785,8 +809,9 @@ def _summary(report: dict[str, Any]) -> str:
 
     r = report
     lines = [
-        f"closed loop: {r['annotators']} annotators, {r['server']} ({r['workers']} API processes), "
-        f"{r['db']}, {r['seconds']} s: {r['cycles_per_s']} cycles/s ({r['cycles']} cycles), "
+        f"closed loop: {r['annotators']} annotators ({r['client']} client), {r['server']} "
+        f"({r['workers']} API processes), {r['db']}, {r['seconds']} s: {r['cycles_per_s']} "
+        f"cycles/s ({r['cycles']} cycles), "
         f"cycle p50 {r['cycle_ms']['p50']} ms, p99 {r['cycle_ms']['p99']} ms",
         checks(r),
         cpu(r),
@@ -864,6 +889,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start the server as `coreloop serve` (the README's command: its default "
         "processes and embedded worker) instead of uvicorn with --workers",
+    )
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="lean",
+        help="the annotators' HTTP client: lean (benchmarks.lean_http, default) or httpx "
+        "(about ten times the CPU per request, taken from the server on this machine)",
     )
     parser.add_argument("--items", type=int, default=20_000, help="queue items to label")
     parser.add_argument("--overlap", type=int, default=1)

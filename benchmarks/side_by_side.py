@@ -13,6 +13,10 @@ what one run alone gives; the ratios are the result.
     .venv/bin/python -m benchmarks.side_by_side --base /tmp/base --runs 3 -- \\
         --db postgresql --annotators 16 --serve --rate 0
 
+Both halves must load their servers with the same HTTP client. A base older than
+``benchmarks.lean_http`` has httpx's only (and no ``--client``): against such a base this
+checkout's half runs ``--client httpx`` too, unless the arguments name a client.
+
 It prints one JSON line per run on stdout and a summary on stderr.
 """
 
@@ -57,9 +61,23 @@ def _ratio(new: Any, base: Any) -> float | None:
     return round(new / base, 3)
 
 
+def _has_client_choice(checkout: Path) -> bool:
+    """Whether ``checkout``'s load benchmark takes ``--client`` (it has the lean client)."""
+    return "--client" in (checkout / "benchmarks" / "load.py").read_text(encoding="utf-8")
+
+
+def _new_args(base: Path, load_args: list[str]) -> list[str]:
+    """This checkout's arguments: ``load_args``, with httpx's client when the base has no other
+    and the arguments name none."""
+    named = any(arg == "--client" or arg.startswith("--client=") for arg in load_args)
+    if named or _has_client_choice(base):
+        return load_args
+    return [*load_args, "--client", "httpx"]
+
+
 def one_run(base: Path, load_args: list[str]) -> dict[str, Any]:
     """Both versions at once; this checkout's figures, the base's, and their ratios."""
-    processes = {"new": _start(HERE, load_args), "base": _start(base, load_args)}
+    processes = {"new": _start(HERE, _new_args(base, load_args)), "base": _start(base, load_args)}
     reports = {name: _report(name, process) for name, process in processes.items()}
     new, old = reports["new"], reports["base"]
     ratios = {"cycles_per_s": _ratio(new["cycles_per_s"], old["cycles_per_s"])}

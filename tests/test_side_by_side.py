@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.side_by_side import _ratio, parse_args
+from benchmarks.side_by_side import _new_args, _ratio, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +50,13 @@ def test_a_tiny_run_against_this_same_checkout() -> None:
     for checks in result["checks"].values():
         assert checks == {"errors": {}, "double_leases": 0, "labels_lost": 0}
     assert "median x" in proc.stderr
+
+
+def test_this_half_runs_httpx_against_a_base_without_the_lean_client(tmp_path: Path) -> None:
+    old = tmp_path / "benchmarks"
+    old.mkdir()
+    (old / "load.py").write_text('parser.add_argument("--serve")\n')
+    assert _new_args(tmp_path, ["--db", "sqlite"]) == ["--db", "sqlite", "--client", "httpx"]
+    assert _new_args(tmp_path, ["--client", "lean"]) == ["--client", "lean"]
+    assert _new_args(tmp_path, ["--client=lean"]) == ["--client=lean"]
+    assert _new_args(ROOT, ["--db", "sqlite"]) == ["--db", "sqlite"]  # both have the choice
