@@ -20,7 +20,7 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from app import deps
 from app.db import (
@@ -163,6 +163,70 @@ def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
     assert result == "locked"
     assert waited >= 0.45  # it did wait for the lock
     assert ticks >= 20  # ...while the loop went on: 10-ms ticks through the 0.5-s wait
+
+
+def test_every_way_out_closes_the_session_and_gives_its_connection_back(
+    pg_engine: Engine,
+) -> None:
+    """Committed, raised or cancelled while waiting for a row lock: the session is closed (no
+    transaction, nothing in it) and its connection is back in the pool, not checked out."""
+    sessions_seen: list[Session] = []
+    loaded: list[Any] = []
+    holding, release = threading.Event(), threading.Event()
+    with unit_of_work(make_sessionmaker(pg_engine)) as session:
+        session.add(User(name="held", role="annotator", token_hash="held"))
+
+    def holder() -> None:
+        with pg_engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM users WHERE name = 'held' FOR UPDATE"))
+            holding.set()
+            release.wait(10)
+
+    def adding(session: Session) -> str:
+        sessions_seen.append(session)
+        name = Work(f"user-{len(sessions_seen)}")(session)
+        loaded.append(session.scalars(select(User).where(User.name == name)).one())
+        return name
+
+    def failing(session: Session) -> None:
+        adding(session)
+        raise ValueError("refused")
+
+    def locking(session: Session) -> None:
+        sessions_seen.append(session)
+        session.execute(text("SELECT id FROM users WHERE name = 'held' FOR UPDATE"))
+
+    async def main(request: Any) -> list[int]:
+        pool = request.app.state.async_sessions.kw["bind"].sync_engine.pool
+        checked_out = []
+        await deps.in_unit_of_work(request, adding)
+        checked_out.append(pool.checkedout())
+        with pytest.raises(ValueError, match="refused"):
+            await deps.in_unit_of_work(request, failing)
+        checked_out.append(pool.checkedout())
+        waiting = asyncio.create_task(deps.in_unit_of_work(request, locking))
+        await asyncio.sleep(0.3)  # it waits for the lock
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        checked_out.append(pool.checkedout())
+        return checked_out
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        checked_out = _with_async_sessions(pg_engine, main)
+    finally:
+        release.set()
+        thread.join()
+    assert checked_out == [0, 0, 0]
+    assert len(sessions_seen) == 3
+    for session in sessions_seen:
+        assert not session.in_transaction() and not session.identity_map
+    assert len(loaded) == 2 and all(object_session(obj) is None for obj in loaded)
+    with pg_engine.connect() as conn:
+        assert conn.scalars(select(User.name).order_by(User.id)).all() == ["held", "user-1"]
 
 
 def test_the_lifespan_makes_the_asyncio_engine_on_postgresql_only(
