@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -116,25 +117,39 @@ def test_work_that_raises_is_rolled_back_and_its_callbacks_dropped(pg_engine: En
         assert conn.scalars(select(User.name)).all() == ["next"]
 
 
-def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
-    """A transaction waiting for a row lock held elsewhere suspends only its own request: the
-    loop goes on serving others meanwhile, and the waiter goes on once the lock is released."""
-    sessions = make_sessionmaker(pg_engine)
-    with unit_of_work(sessions) as session:
-        session.add(User(name="contended", role="annotator", token_hash="contended"))
+@contextmanager
+def _row_lock_held(engine: Engine, name: str) -> Iterator[threading.Event]:
+    """A user ``name``, its row locked (``FOR UPDATE``) by another connection in a thread of its
+    own until the event yielded is set (or the block ends)."""
+    with unit_of_work(make_sessionmaker(engine)) as session:
+        session.add(User(name=name, role="annotator", token_hash=name))
     holding, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with pg_engine.connect() as conn, conn.begin():
-            conn.execute(text("SELECT id FROM users WHERE name = 'contended' FOR UPDATE"))
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM users WHERE name = :name FOR UPDATE"), {"name": name})
             holding.set()
             release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        yield release
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
+    """A transaction waiting for a row lock held elsewhere suspends only its own request: the
+    loop goes on serving others meanwhile, and the waiter goes on once the lock is released."""
 
     def locking(session: Session) -> str:
         session.execute(text("SELECT id FROM users WHERE name = 'contended' FOR UPDATE"))
         return "locked"
 
-    async def main(request: Any) -> tuple[str, int, float]:
+    async def main(request: Any, release: threading.Event) -> tuple[str, int, float]:
         ticks = 0
 
         async def ticker() -> None:
@@ -152,14 +167,10 @@ def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
             tick_task.cancel()
         return result, ticks, time.monotonic() - started
 
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert holding.wait(10)
-        result, ticks, waited = _with_async_sessions(pg_engine, main)
-    finally:
-        release.set()
-        thread.join()
+    with _row_lock_held(pg_engine, "contended") as release:
+        result, ticks, waited = _with_async_sessions(
+            pg_engine, lambda request: main(request, release)
+        )
     assert result == "locked"
     assert waited >= 0.45  # it did wait for the lock
     assert ticks >= 20  # ...while the loop went on: 10-ms ticks through the 0.5-s wait
@@ -172,15 +183,6 @@ def test_every_way_out_closes_the_session_and_gives_its_connection_back(
     transaction, nothing in it) and its connection is back in the pool, not checked out."""
     sessions_seen: list[Session] = []
     loaded: list[Any] = []
-    holding, release = threading.Event(), threading.Event()
-    with unit_of_work(make_sessionmaker(pg_engine)) as session:
-        session.add(User(name="held", role="annotator", token_hash="held"))
-
-    def holder() -> None:
-        with pg_engine.connect() as conn, conn.begin():
-            conn.execute(text("SELECT id FROM users WHERE name = 'held' FOR UPDATE"))
-            holding.set()
-            release.wait(10)
 
     def adding(session: Session) -> str:
         sessions_seen.append(session)
@@ -212,14 +214,8 @@ def test_every_way_out_closes_the_session_and_gives_its_connection_back(
         checked_out.append(pool.checkedout())
         return checked_out
 
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with _row_lock_held(pg_engine, "held"):
         checked_out = _with_async_sessions(pg_engine, main)
-    finally:
-        release.set()
-        thread.join()
     assert checked_out == [0, 0, 0]
     assert len(sessions_seen) == 3
     for session in sessions_seen:
