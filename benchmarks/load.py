@@ -20,7 +20,7 @@ two phases against the same server:
    ``--open-seconds`` after the timetable ends are dropped and counted as ``not_started``.
 
 The annotators' client is ``benchmarks.lean_http`` (``--client lean``): a kept-alive socket
-with httptools' parser, about 40 µs of CPU per request here. ``--client httpx`` runs httpx
+with httptools' parser, about 55 µs of CPU per request here. ``--client httpx`` runs httpx
 instead, about 450 µs per request: on a machine shared with the server that CPU is taken from
 the server, and most from the deployment that can use every core (PostgreSQL's API processes
 and backends), while SQLite's single API process is held to one core whatever the client

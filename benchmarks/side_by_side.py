@@ -15,7 +15,8 @@ what one run alone gives; the ratios are the result.
 
 Both halves must load their servers with the same HTTP client. A base older than
 ``benchmarks.lean_http`` has httpx's only (and no ``--client``): against such a base this
-checkout's half runs ``--client httpx`` too, unless the arguments name a client.
+checkout's half runs ``--client httpx`` too, and the base is given no ``--client`` (naming
+another client is refused). Each run's JSON says which client each half ran.
 
 It prints one JSON line per run on stdout and a summary on stderr.
 """
@@ -66,18 +67,39 @@ def _has_client_choice(checkout: Path) -> bool:
     return "--client" in (checkout / "benchmarks" / "load.py").read_text(encoding="utf-8")
 
 
-def _new_args(base: Path, load_args: list[str]) -> list[str]:
-    """This checkout's arguments: ``load_args``, with httpx's client when the base has no other
-    and the arguments name none."""
-    named = any(arg == "--client" or arg.startswith("--client=") for arg in load_args)
-    if named or _has_client_choice(base):
-        return load_args
-    return [*load_args, "--client", "httpx"]
+def _without_client(load_args: list[str]) -> tuple[list[str], str | None]:
+    """``load_args`` without their ``--client X`` (or ``--client=X``), and X (None if absent)."""
+    rest: list[str] = []
+    client = None
+    args = iter(load_args)
+    for arg in args:
+        if arg == "--client":
+            client = next(args, None)
+        elif arg.startswith("--client="):
+            client = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, client
+
+
+def _both_args(base: Path, load_args: list[str]) -> tuple[list[str], list[str]]:
+    """This checkout's arguments and the base's: ``load_args`` for both, unless the base has
+    httpx's client only: then this half runs it too, and the base is given no ``--client``
+    (a client other than httpx named for both is refused: the halves would differ)."""
+    if _has_client_choice(base):
+        return load_args, load_args
+    rest, client = _without_client(load_args)
+    if client not in (None, "httpx"):
+        raise ValueError(
+            f"the base has httpx's client only, so both halves run httpx, not --client {client}"
+        )
+    return [*rest, "--client", "httpx"], rest
 
 
 def one_run(base: Path, load_args: list[str]) -> dict[str, Any]:
     """Both versions at once; this checkout's figures, the base's, and their ratios."""
-    processes = {"new": _start(HERE, _new_args(base, load_args)), "base": _start(base, load_args)}
+    new_args, base_args = _both_args(base, load_args)
+    processes = {"new": _start(HERE, new_args), "base": _start(base, base_args)}
     reports = {name: _report(name, process) for name, process in processes.items()}
     new, old = reports["new"], reports["base"]
     ratios = {"cycles_per_s": _ratio(new["cycles_per_s"], old["cycles_per_s"])}
@@ -92,6 +114,7 @@ def one_run(base: Path, load_args: list[str]) -> dict[str, Any]:
     return {
         "new": {"cycles_per_s": new["cycles_per_s"], "cpu_ms_per_cycle": new["cpu_ms_per_cycle"]},
         "base": {"cycles_per_s": old["cycles_per_s"], "cpu_ms_per_cycle": old["cpu_ms_per_cycle"]},
+        "client": {"new": new.get("client", "httpx"), "base": old.get("client", "httpx")},
         "ratio": ratios,
         "checks": checks,
         "load_average": new["load_average"],
@@ -110,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"{args.base} is not a checkout of this project (no benchmarks/load.py)")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    try:
+        _both_args(args.base, load_args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args, load_args
 
 

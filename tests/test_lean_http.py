@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -56,6 +57,11 @@ class _Handler(BaseHTTPRequestHandler):
             for part in (b'{"a": ', b"[1, 2, 3]", b"}"):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/two":  # a second response that nobody asked for
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope"
+            )
         elif self.path == "/drop":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntoo short")
             self.close_connection = True
@@ -71,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     seen: list[dict[str, Any]] = []
-    handler = type("Handler", (_Handler,), {"seen": seen})
+    # A kept-alive connection idle for 0.3 s is closed by the server (uvicorn's: 5 s).
+    handler = type("Handler", (_Handler,), {"seen": seen, "timeout": 0.3})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -108,6 +115,34 @@ def test_a_closing_response_is_read_and_the_next_request_reconnects(
         assert client.get("/close").json() == {"closing": True}
         assert client.get("/after").json() == {"path": "/after"}
     assert seen[0]["port"] != seen[1]["port"]
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_use(
+    server: tuple[str, list[dict[str, Any]]],
+) -> None:
+    url, seen = server
+    with Client(url) as client:
+        assert client.get("/first").status_code == 200
+        time.sleep(0.6)  # past the server's keep-alive timeout: it closes the connection
+        assert client.post("/labels", json={"n": 1}).json() == {"n": 1}
+    assert [r["path"] for r in seen] == ["/first", "/labels"]  # sent once, not retried
+    assert seen[0]["port"] != seen[1]["port"]
+
+
+def test_bytes_after_the_response_close_the_connection(
+    server: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Never taken for the next request's response: refused with the response they came with
+    (read together), or noticed on the idle connection before the next request."""
+    url, _ = server
+    with Client(url) as client:
+        try:
+            response = client.get("/two")
+        except TransportError:
+            pass
+        else:
+            assert (response.status_code, response.content) == (200, b"ok")
+        assert client.get("/fine").json() == {"path": "/fine"}
 
 
 def test_a_chunked_body_is_joined(server: tuple[str, list[dict[str, Any]]]) -> None:

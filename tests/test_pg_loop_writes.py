@@ -176,6 +176,18 @@ def test_a_row_lock_wait_does_not_stall_the_loop(pg_engine: Engine) -> None:
     assert ticks >= 20  # ...while the loop went on: 10-ms ticks through the 0.5-s wait
 
 
+def _waiting_for_a_lock(engine: Engine) -> bool:
+    """Whether a backend of ``engine``'s database waits for a lock (a row lock held elsewhere)."""
+    with engine.connect() as conn:
+        waiting = conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)
+
+
 def test_every_way_out_closes_the_session_and_gives_its_connection_back(
     pg_engine: Engine,
 ) -> None:
@@ -207,7 +219,10 @@ def test_every_way_out_closes_the_session_and_gives_its_connection_back(
             await deps.in_unit_of_work(request, failing)
         checked_out.append(pool.checkedout())
         waiting = asyncio.create_task(deps.in_unit_of_work(request, locking))
-        await asyncio.sleep(0.3)  # it waits for the lock
+        deadline = time.monotonic() + 10
+        while not await asyncio.to_thread(_waiting_for_a_lock, pg_engine):
+            assert time.monotonic() < deadline, "the transaction never waited for the lock"
+            await asyncio.sleep(0.02)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.side_by_side import _new_args, _ratio, parse_args
+from benchmarks.side_by_side import _both_args, _ratio, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,16 +47,23 @@ def test_a_tiny_run_against_this_same_checkout() -> None:
     assert result["new"]["cycles_per_s"] > 0 and result["base"]["cycles_per_s"] > 0
     assert result["ratio"]["cycles_per_s"] > 0
     assert result["ratio"]["cpu_ms_per_cycle.db"] is None  # SQLite: no database process
+    assert result["client"] == {"new": "lean", "base": "lean"}
     for checks in result["checks"].values():
         assert checks == {"errors": {}, "double_leases": 0, "labels_lost": 0}
     assert "median x" in proc.stderr
 
 
-def test_this_half_runs_httpx_against_a_base_without_the_lean_client(tmp_path: Path) -> None:
+def test_both_halves_run_httpx_against_a_base_without_the_lean_client(tmp_path: Path) -> None:
     old = tmp_path / "benchmarks"
     old.mkdir()
     (old / "load.py").write_text('parser.add_argument("--serve")\n')
-    assert _new_args(tmp_path, ["--db", "sqlite"]) == ["--db", "sqlite", "--client", "httpx"]
-    assert _new_args(tmp_path, ["--client", "lean"]) == ["--client", "lean"]
-    assert _new_args(tmp_path, ["--client=lean"]) == ["--client=lean"]
-    assert _new_args(ROOT, ["--db", "sqlite"]) == ["--db", "sqlite"]  # both have the choice
+    db = ["--db", "sqlite"]
+    assert _both_args(tmp_path, db) == ([*db, "--client", "httpx"], db)
+    assert _both_args(tmp_path, [*db, "--client", "httpx"]) == ([*db, "--client", "httpx"], db)
+    assert _both_args(tmp_path, ["--client=httpx", *db]) == ([*db, "--client", "httpx"], db)
+    with pytest.raises(ValueError, match="not --client lean"):
+        _both_args(tmp_path, ["--client", "lean"])
+    with pytest.raises(SystemExit):  # refused before anything runs
+        parse_args(["--base", str(tmp_path), "--", "--client", "lean"])
+    both = [*db, "--client", "lean"]
+    assert _both_args(ROOT, both) == (both, both)  # both have the choice
