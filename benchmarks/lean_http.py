@@ -2,9 +2,9 @@
 
 The benchmark runs its annotators on the same machine as the server, so every CPU cycle the
 client spends is taken from the server it measures. httpx, a complete client, cost about
-450 µs of CPU per request here (``benchmarks.load --client httpx`` keeps it, for comparison);
-this one, a keep-alive socket with httptools' parser (uvicorn's own, a C parser), about 55 µs
-(one thread, 3,000 requests each, against a plain uvicorn app on the same machine,
+490-560 µs of CPU per request here (``benchmarks.load --client httpx`` keeps it, for
+comparison); this one, a keep-alive socket with httptools' parser (uvicorn's own, a C parser),
+65-80 µs (one thread, 6,000 requests each, against a plain uvicorn app on the same machine,
 2026-12-07).
 
 It does only what the benchmark needs: one persistent connection per client, ``GET`` with query

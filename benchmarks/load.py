@@ -20,8 +20,8 @@ two phases against the same server:
    ``--open-seconds`` after the timetable ends are dropped and counted as ``not_started``.
 
 The annotators' client is ``benchmarks.lean_http`` (``--client lean``): a kept-alive socket
-with httptools' parser, about 55 µs of CPU per request here. ``--client httpx`` runs httpx
-instead, about 450 µs per request: on a machine shared with the server that CPU is taken from
+with httptools' parser, 65-80 µs of CPU per request here. ``--client httpx`` runs httpx
+instead, 490-560 µs per request: on a machine shared with the server that CPU is taken from
 the server, and most from the deployment that can use every core (PostgreSQL's API processes
 and backends), while SQLite's single API process is held to one core whatever the client
 leaves. Annotators on other machines cost the server nothing of the kind.
@@ -398,7 +398,7 @@ _TRANSPORT_ERRORS = (lean_http.TransportError, httpx.TransportError)
 
 
 def _client(kind: str, base_url: str, token: str) -> Client:
-    """An annotator's client: ``lean`` (benchmarks.lean_http, the default: about a tenth of
+    """An annotator's client: ``lean`` (benchmarks.lean_http, the default: about a seventh of
     httpx's CPU per request, which is taken from the server on a shared machine) or ``httpx``."""
     headers = {"Authorization": f"Bearer {token}"}
     if kind == "httpx":
@@ -895,7 +895,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=CLIENTS,
         default="lean",
         help="the annotators' HTTP client: lean (benchmarks.lean_http, default) or httpx "
-        "(about ten times the CPU per request, taken from the server on this machine)",
+        "(about seven times the CPU per request, taken from the server on this machine)",
     )
     parser.add_argument("--items", type=int, default=20_000, help="queue items to label")
     parser.add_argument("--overlap", type=int, default=1)
