@@ -2,9 +2,9 @@
 
 The benchmark runs its annotators on the same machine as the server, so every CPU cycle the
 client spends is taken from the server it measures. httpx, a complete client, cost about
-490-560 µs of CPU per request here (``benchmarks.load --client httpx`` keeps it, for
+489-560 µs of CPU per request here (``benchmarks.load --client httpx`` keeps it, for
 comparison); this one, a keep-alive socket with httptools' parser (uvicorn's own, a C parser),
-65-80 µs (one thread, 6,000 requests each, against a plain uvicorn app on the same machine,
+64-78 µs (one thread, 6,000 requests each, against a plain uvicorn app on the same machine,
 2026-12-07).
 
 It does only what the benchmark needs: one persistent connection per client, ``GET`` with query
@@ -95,9 +95,8 @@ class Client:
         host = url.netloc
         lines = [f"Host: {host}", *(f"{name}: {value}" for name, value in (headers or {}).items())]
         self._headers = "".join(f"{line}\r\n" for line in lines).encode("latin-1")
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # with self._reader.parser: both or neither
         self._reader = _Reader()
-        self._parser: httptools.HttpResponseParser | None = None
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Response:
         target = f"{path}?{urlencode(params)}" if params else path
@@ -109,8 +108,7 @@ class Client:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-            self._sock = None
-            self._parser = None
+            self._sock = self._reader.parser = None
 
     def __enter__(self) -> Client:
         return self
@@ -126,12 +124,11 @@ class Client:
     def _connect(self) -> tuple[socket.socket, httptools.HttpResponseParser]:
         if self._sock is not None and _closed_or_readable(self._sock):
             self.close()  # closed by the server while idle (or sent what nobody asked for)
-        if self._sock is None or self._parser is None:
+        if self._sock is None or self._reader.parser is None:
             sock = socket.create_connection(self._address, timeout=self._timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock, self._parser = sock, httptools.HttpResponseParser(self._reader)
-            self._reader.parser = self._parser
-        return self._sock, self._parser
+            self._sock, self._reader.parser = sock, httptools.HttpResponseParser(self._reader)
+        return self._sock, self._reader.parser
 
     def _request(self, method: bytes, target: str, body: bytes | None) -> Response:
         message = [method, b" ", target.encode("ascii"), b" HTTP/1.1\r\n", self._headers]

@@ -20,8 +20,8 @@ two phases against the same server:
    ``--open-seconds`` after the timetable ends are dropped and counted as ``not_started``.
 
 The annotators' client is ``benchmarks.lean_http`` (``--client lean``): a kept-alive socket
-with httptools' parser, 65-80 µs of CPU per request here. ``--client httpx`` runs httpx
-instead, 490-560 µs per request: on a machine shared with the server that CPU is taken from
+with httptools' parser, 64-78 µs of CPU per request here. ``--client httpx`` runs httpx
+instead, 489-560 µs per request: on a machine shared with the server that CPU is taken from
 the server, and most from the deployment that can use every core (PostgreSQL's API processes
 and backends), while SQLite's single API process is held to one core whatever the client
 leaves. Annotators on other machines cost the server nothing of the kind.
