@@ -190,7 +190,9 @@ def _try_begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float)
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int, lock: WriterLock) -> None:
+def _configure_sqlite(
+    engine: Engine, busy_timeout_ms: int, lock: WriterLock, synchronous: str
+) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
@@ -199,7 +201,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, lock: WriterLock) ->
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -257,7 +259,12 @@ def make_engine(settings: Settings) -> Engine:
             pool_size=SQLITE_POOL_SIZE,
             max_overflow=SQLITE_POOL_SIZE,
         )
-        _configure_sqlite(engine, settings.sqlite_busy_timeout_ms, _writer_lock(db_path))
+        _configure_sqlite(
+            engine,
+            settings.sqlite_busy_timeout_ms,
+            _writer_lock(db_path),
+            settings.sqlite_synchronous,
+        )
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import disk_sync
 from benchmarks.load import (
     _arrival_offsets,
     _latency_ms,
@@ -103,3 +104,13 @@ def test_tiny_run_reports_both_loops() -> None:
     assert loop["images_read_twice_by_one"] == 0 and loop["labels_lost"] == 0
     assert loop["cpu_ms_per_cycle"]["server"] > 0 and loop["cpu_ms_per_cycle"]["client"] > 0
     assert "open loop: offered 20.0/s" in proc.stderr
+
+
+def test_disk_sync_reports_latencies_and_leaves_no_file(tmp_path: Path) -> None:
+    report = disk_sync.measure(tmp_path, seconds=0.2, stall_ms=50.0)
+    assert isinstance(report["syncs"], int) and report["syncs"] > 0
+    assert list(tmp_path.iterdir()) == []
+    ms = report["ms"]
+    assert isinstance(ms, dict)
+    assert 0 < ms["p50"] <= ms["p99"] <= ms["p999"] <= ms["max"]
+    assert 0 <= report["stalls"] <= report["syncs"]
