@@ -190,6 +190,10 @@ def _try_begin_immediate(dbapi_conn: Any, busy_timeout_ms: int, deadline: float)
         dbapi_conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
+# ``Settings.sqlite_synchronous`` -> SQLite's PRAGMA value (nothing else reaches the PRAGMA).
+_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+
+
 def _configure_sqlite(
     engine: Engine, busy_timeout_ms: int, lock: WriterLock, synchronous: str
 ) -> None:
@@ -201,7 +205,7 @@ def _configure_sqlite(
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cur.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
         cur.close()
 
     @event.listens_for(engine, "begin")

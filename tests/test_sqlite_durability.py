@@ -39,12 +39,16 @@ def _pragmas(settings: Settings) -> list[tuple[str, int]]:
         engine.dispose()
 
 
-def test_the_default_commits_without_waiting_for_the_disk(tmp_path: Path) -> None:
-    assert Settings(data_dir=tmp_path).sqlite_synchronous == "normal"
-    assert _pragmas(Settings(data_dir=tmp_path)) == [("wal", NORMAL)] * 2
+def test_the_default_is_wal_with_synchronous_normal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CORELOOP_SQLITE_SYNCHRONOUS", raising=False)
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.sqlite_synchronous == "normal"
+    assert _pragmas(settings) == [("wal", NORMAL)] * 2
 
 
-def test_full_from_the_environment_syncs_every_commit(
+def test_full_from_the_environment_sets_synchronous_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CORELOOP_SQLITE_SYNCHRONOUS", "full")
