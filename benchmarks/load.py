@@ -108,6 +108,8 @@ class Sample:
     # Open loop only: from each arrival's scheduled start to the end of its cycle (labeled).
     from_schedule: list[float] = field(default_factory=list)
     not_started: int = 0  # open loop: arrivals dropped, still waiting long after the timetable
+    # --trace: each measured request as (name, start on time.perf_counter, seconds); None: off.
+    trace: list[tuple[str, float, float]] | None = None
 
 
 def _read_stat(pid: int | str) -> tuple[str, list[str]] | None:
@@ -421,6 +423,7 @@ def _annotate(
     project_id: int,
     window: tuple[float, float],
     start: threading.Barrier,
+    trace: bool = False,
 ) -> Sample:
     """One annotator: lease one item, label it with its lease, until the window ends.
 
@@ -428,7 +431,7 @@ def _annotate(
     are not recorded.
     """
     record_from, stop_at = window
-    sample, warm = Sample(), Sample()
+    sample, warm = Sample(trace=[] if trace else None), Sample()
     with _client(client_kind, base_url, token) as client:
         start.wait()
         while time.monotonic() < stop_at:
@@ -454,6 +457,8 @@ def _one_cycle(client: Client, project_id: int, sample: Sample) -> None:
         queue = client.get("/queue", params={"project_id": project_id, "limit": 1})
         t1 = time.perf_counter()
         sample.queue.append(t1 - t0)
+        if sample.trace is not None:
+            sample.trace.append(("GET /queue", t0, t1 - t0))
         if queue.status_code != 200:
             _count_error(sample, queue)
             return
@@ -472,6 +477,8 @@ def _one_cycle(client: Client, project_id: int, sample: Sample) -> None:
         label = client.post("/labels", json=body)
         t2 = time.perf_counter()
         sample.label.append(t2 - t1)
+        if sample.trace is not None:
+            sample.trace.append(("POST /labels", t1, t2 - t1))
         if label.status_code != 201:
             _count_error(sample, label)
             return
@@ -519,7 +526,9 @@ def _run_annotators(
     window = (began + args.warmup, began + args.warmup + args.seconds)
 
     def run(i: int) -> None:
-        samples[i] = _annotate(args.client, base_url, tokens[i], project_id, window, start)
+        samples[i] = _annotate(
+            args.client, base_url, tokens[i], project_id, window, start, args.trace is not None
+        )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tokens))]
     for thread in threads:
@@ -561,7 +570,7 @@ def _run_open_loop(
     the timetable's end are dropped (``not_started``). The window runs from t0 to the last
     cycle's end."""
     offsets = _arrival_offsets(args.rate, args.open_seconds, args.poisson, args.seed)
-    samples: list[Sample] = [Sample() for _ in tokens]
+    samples = [Sample(trace=None if args.trace is None else []) for _ in tokens]
     ready = threading.Barrier(len(tokens) + 1)
     go = threading.Event()
     t0 = [0.0]  # perf_counter() of the first arrival, set before ``go``
@@ -835,6 +844,24 @@ def _summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write_trace(path: Path, phases: dict[str, Run | None]) -> int:
+    """``--trace``: one JSON line per measured request, in order of its start; returns how many.
+    ``start`` is ``time.perf_counter()`` in seconds: CLOCK_MONOTONIC on Linux, the clock whose
+    milliseconds ``perf trace -T`` prints, so a server's system calls can be laid beside it."""
+    rows = sorted(
+        (start, phase, name, secs)
+        for phase, ran in phases.items()
+        if ran is not None
+        for sample in ran.samples
+        for name, start, secs in sample.trace or ()
+    )
+    with path.open("w") as out:
+        for start, phase, name, secs in rows:
+            row = {"phase": phase, "request": name, "start": round(start, 6)}
+            out.write(json.dumps({**row, "ms": round(1000 * secs, 3)}) + "\n")
+    return len(rows)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="coreloop-load-") as tmp,
@@ -868,6 +895,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             None if opened is None else _open_report(args, opened, db_closed, db_opened)
         )
         report["load_average"] = round(os.getloadavg()[0], 2)
+        if args.trace is not None:
+            report["traced_requests"] = _write_trace(args.trace, {"closed": closed, "open": opened})
         return report
 
 
@@ -912,6 +941,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--poisson",
         action="store_true",
         help="open loop: Poisson arrivals (exponential gaps) instead of one every 1/rate s",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="write each measured request (its phase, start on time.perf_counter, i.e. "
+        "CLOCK_MONOTONIC as `perf trace -T` prints it, and duration) to this file, one JSON "
+        "line each",
     )
     parser.add_argument("--seed", type=int, default=0, help="of the Poisson arrivals")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import disk_sync
+from benchmarks import disk_sync, stalls
 from benchmarks.load import (
     _arrival_offsets,
     _latency_ms,
@@ -75,8 +75,10 @@ def test_serve_takes_its_own_process_count_unless_workers_is_given() -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_tiny_run_reports_both_loops() -> None:
+def test_tiny_run_reports_both_loops(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
     cmd = [sys.executable, "-m", "benchmarks.load", "--db", "sqlite", "--annotators", "2"]
+    cmd += ["--trace", str(trace)]
     # Enough items for a fast machine: 1,000 ran out before the open loop (2026-12-07).
     cmd += ["--seconds", "2", "--warmup", "0.5", "--items", "5000", "--workers", "1"]
     cmd += ["--rate", "20", "--open-seconds", "2"]
@@ -105,6 +107,17 @@ def test_tiny_run_reports_both_loops() -> None:
     assert loop["cpu_ms_per_cycle"]["server"] > 0 and loop["cpu_ms_per_cycle"]["client"] > 0
     assert "open loop: offered 20.0/s" in proc.stderr
 
+    # --trace: every measured request, both loops, in order of its start.
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert report["traced_requests"] == len(rows)
+    closed = [row for row in rows if row["phase"] == "closed"]
+    opened = [row for row in rows if row["phase"] == "open"]
+    assert len(closed) == 2 * report["cycles"] and len(opened) == 2 * 40
+    assert {row["request"] for row in rows} == {"GET /queue", "POST /labels"}
+    assert [row["start"] for row in rows] == sorted(row["start"] for row in rows)
+    assert max(row["start"] for row in closed) < min(row["start"] for row in opened)
+    assert all(row["ms"] > 0 for row in rows)
+
 
 def test_disk_sync_reports_latencies_and_leaves_no_file(tmp_path: Path) -> None:
     report = disk_sync.measure(tmp_path, seconds=0.2, stall_ms=50.0, segment_bytes=3 * 8192)
@@ -124,3 +137,51 @@ def test_disk_sync_keeps_its_timetable(tmp_path: Path) -> None:
     directory = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
     report = disk_sync.measure(directory, seconds=0.5, stall_ms=50.0, rate=40, segment_bytes=8192)
     assert report["syncs"] == 20  # one every 25 ms from the start, none beyond the window
+
+
+def test_stalls_lays_the_calls_beside_the_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    rows = [
+        ("closed", 100.000, 400.0),  # through the whole stall
+        ("closed", 100.050, 300.0),  # through it too
+        ("closed", 100.010, 20.0),  # answered before it
+        ("closed", 100.190, 30.0),  # answered during it: then it was no stall
+        ("open", 105.000, 5.0),
+    ]
+    requests.write_text(
+        "".join(
+            json.dumps({"phase": p, "request": "GET /queue", "start": s, "ms": ms}) + "\n"
+            for p, s, ms in rows
+        )
+    )
+    calls = tmp_path / "calls.txt"
+    calls.write_text(
+        "some message of perf\n"
+        "  100100.000 (200.000 ms): python/13369 fdatasync(fd: 13)            = 0\n"
+        "  105001.000 ( 1.500 ms): fdatasync(fd: 12) = 0\n"
+        "  900000.000 (50.000 ms): fdatasync(fd: 12) = 0\n"  # after the benchmark: left out
+    )
+    assert stalls.main(["--requests", str(requests), "--calls", str(calls)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out == [
+        {
+            "start": 100.1,
+            "ms": 200.0,
+            "call": "python/13369 fdatasync(fd: 13) = 0",
+            "phase": "closed",
+            "responses_during": 1,
+            "in_flight_throughout": 2,
+            "slowest_overlapping_ms": 400.0,
+        },
+        {
+            "start": 105.001,
+            "ms": 1.5,
+            "call": "fdatasync(fd: 12) = 0",
+            "phase": "open",
+            "responses_during": 0,
+            "in_flight_throughout": 1,
+            "slowest_overlapping_ms": 5.0,
+        },
+    ]
