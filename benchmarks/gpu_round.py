@@ -9,11 +9,16 @@ it measured) and prints it. It runs:
    d=512, L=10k, B=5k (:func:`ml.bench.run_select_bench`): the timed selection on the device,
    and whether the CPU path picks the same rows in the same order (goal on an H100: <= 0.3 s);
 2. a whole round at each image size (64 and 224 px) on a 7,000-image synthetic pool (coloured
-   discs on noise, 3 classes): train on the labeled 10% (:func:`ml.train.train_model`), score
-   the whole pool (:func:`ml.infer.score_pool`), select the budget with confident coreset
+   discs on noise, 3 classes): train on the labeled 10% (:func:`ml.train.train_model`, with
+   the training default's loader: batches made on the device), score the whole pool
+   (:func:`ml.infer.score_pool`), select the budget with confident coreset
    (:func:`ml.selection.select`). Each phase is timed between CUDA synchronisations and
    reported in images/s (training: images seen, incl. and excl. the first epoch, which holds
-   cuDNN's autotuning; scoring: pool images; selection: seconds and pool rows/s).
+   cuDNN's autotuning; scoring: pool images; selection: seconds and pool rows/s);
+3. training throughput at each size on the whole pool as labeled (3 epochs), with the set held
+   on the device and augmented there (``loader="device"``, the default on a GPU) and, as the
+   baseline in the same run, the per-sample ``DataLoader`` on the CPU (``loader="dataloader"``,
+   ``--workers`` processes); the ratio of the two (goal at 64 px: >= 10,000 images/s).
 
 ``--tiny`` runs the same code on a small pool (CPU-sized) for the tests. ``--budget-s`` skips
 the phases that would start after that many seconds (default 420: the script is meant to stay
@@ -23,6 +28,7 @@ under 8 minutes of GPU time; not yet run on a GPU: a few minutes is an estimate)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,7 +45,7 @@ from ml.bench import run_select_bench
 from ml.data import ImageDataset
 from ml.infer import score_pool
 from ml.selection import select
-from ml.train import TrainConfig, resolve_device, train_model
+from ml.train import Loader, TrainConfig, resolve_device, resolve_loader, train_model
 
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220]], dtype=np.uint8)
 FULL: dict[str, Any] = {
@@ -50,6 +56,7 @@ FULL: dict[str, Any] = {
     "budget": 350,
     "epochs": 10,
     "batch_size": 128,
+    "throughput": {"pool": 7000, "epochs": 3},
 }
 TINY: dict[str, Any] = {
     "select": {"n": 3000, "dim": 64, "labeled": 300, "budget": 100},
@@ -59,9 +66,11 @@ TINY: dict[str, Any] = {
     "budget": 8,
     "epochs": 2,
     "batch_size": 8,
+    "throughput": {"pool": 32, "epochs": 2},
 }
 
 
+@functools.lru_cache(maxsize=1)  # the rounds and the throughput runs share a pool
 def synthetic_pool(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [n, size, size, 3] (uniform noise 96-159, one disc of the class colour) and
     classes int64 [n]; built in chunks without float copies (7,000 x 224 px is 1 GB)."""
@@ -104,6 +113,25 @@ def _peak_mb(device: torch.device) -> float | None:
     return round(peak, 1)
 
 
+def _train_config(
+    cfg: dict[str, Any],
+    epochs: int,
+    size: int,
+    device: torch.device,
+    seed: int,
+    loader: Loader = "auto",
+) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=cfg["batch_size"],
+        image_size=size,
+        seed=seed,
+        device=str(device),
+        num_workers=cfg.get("workers", 0),
+        loader=loader,
+    )
+
+
 def run_round(cfg: dict[str, Any], size: int, device: torch.device, seed: int) -> dict[str, Any]:
     """Train + score + select on a synthetic pool at ``size`` px; timings and rates."""
     n, n_lab, epochs = cfg["pool"], cfg["labeled"], cfg["epochs"]
@@ -116,18 +144,12 @@ def run_round(cfg: dict[str, Any], size: int, device: torch.device, seed: int) -
         "budget": cfg["budget"],
         "epochs": epochs,
         "batch_size": cfg["batch_size"],
+        "loader": resolve_loader("auto", device),
         "workers": cfg.get("workers", 0),
         "data_s": round(time.perf_counter() - t0, 3),
     }
     train_set = ImageDataset(images[:n_lab], classes[:n_lab], augment="derm")
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=cfg["batch_size"],
-        image_size=size,
-        seed=seed,
-        device=str(device),
-        num_workers=cfg.get("workers", 0),
-    )
+    config = _train_config(cfg, epochs, size, device, seed)
     result, train_s = _timed(device, lambda: train_model("classification", 3, train_set, config))
     seen = n_lab * epochs  # at most: train_model drops a last batch of one
     later = sum(h["seconds"] for h in result.history[1:])
@@ -174,6 +196,32 @@ def run_round(cfg: dict[str, Any], size: int, device: torch.device, seed: int) -
     return out
 
 
+def run_throughput(
+    cfg: dict[str, Any], size: int, device: torch.device, seed: int, loader: Loader
+) -> dict[str, Any]:
+    """Training alone, on the whole throughput pool as labeled, with ``loader``: images/s."""
+    n, epochs = cfg["throughput"]["pool"], cfg["throughput"]["epochs"]
+    images, classes = synthetic_pool(n, size, seed)
+    config = _train_config(cfg, epochs, size, device, seed, loader)
+    data = ImageDataset(images, classes, augment="derm")
+    result, train_s = _timed(device, lambda: train_model("classification", 3, data, config))
+    later = sum(h["seconds"] for h in result.history[1:])
+    return {
+        "image_size": size,
+        "loader": loader,
+        "images": n,
+        "epochs": epochs,
+        "batch_size": cfg["batch_size"],
+        "workers": cfg.get("workers", 0) if loader == "dataloader" else None,
+        "train_s": round(train_s, 3),
+        "images_per_s": round(n * epochs / train_s, 1),
+        "images_per_s_after_first_epoch": (
+            round(n * (epochs - 1) / later, 1) if epochs > 1 and later > 0 else None
+        ),
+        "peak_mb": _peak_mb(device),
+    }
+
+
 def _env(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": str(device),
@@ -206,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for training")
     p.add_argument("--sizes", default=None, help="comma-separated image sizes (default 64,224)")
     p.add_argument("--skip-select-bench", action="store_true")
+    p.add_argument("--skip-rounds", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--throughput-pool", type=int, default=None, help="images (default 7,000)")
+    p.add_argument("--throughput-epochs", type=int, default=None, help="epochs (default 3)")
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     if a.threads > 0:
@@ -215,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.sizes:
         cfg["sizes"] = [int(v) for v in a.sizes.split(",")]
     cfg["workers"] = a.workers
+    cfg["throughput"] = {
+        "pool": a.throughput_pool or cfg["throughput"]["pool"],
+        "epochs": a.throughput_epochs or cfg["throughput"]["epochs"],
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "gpu_round.json"
     began = time.perf_counter()
@@ -224,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": _env(device),
         "select_bench": None,
         "rounds": [],
+        "throughput": [],
         "skipped": [],
         "errors": [],
     }
@@ -251,7 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     def round_at(size: int) -> Callable[[], None]:
         return lambda: report["rounds"].append(run_round(cfg, size, device, a.seed))
 
-    phases += [(f"round_{size}px", round_at(size)) for size in cfg["sizes"]]
+    def throughput_at(size: int) -> Callable[[], None]:
+        def measure() -> None:
+            runs = [
+                run_throughput(cfg, size, device, a.seed, lo) for lo in ("device", "dataloader")
+            ]
+            ours, base = runs
+            ratio = ours["images_per_s"] / base["images_per_s"]
+            report["throughput"].append(
+                {"device": ours, "dataloader": base, "ratio": round(ratio, 2)}
+            )
+
+        return measure
+
+    if not a.skip_rounds:
+        phases += [(f"round_{size}px", round_at(size)) for size in cfg["sizes"]]
+    if not a.skip_throughput:
+        phases += [(f"throughput_{size}px", throughput_at(size)) for size in cfg["sizes"]]
     for name, fn in phases:
         if time.perf_counter() - began > a.budget_s:
             report["skipped"].append(name)

@@ -2,11 +2,21 @@
 
 Everything is held in memory as uint8 at model resolution: at 64 px a 10,000-image pool is
 about 120 MB, and decoding JPEGs once instead of every epoch is what makes CPU training viable.
+
+Two ways to feed a model:
+
+- :class:`ImageDataset` through a ``DataLoader``: one sample at a time, augmented and normalised
+  on the CPU (the training default on the CPU);
+- on the model's device, batch by batch: :func:`device_batches` (a set in order, no
+  augmentation: scoring and evaluation) and :class:`DeviceBatches` (training epochs: the uint8
+  set is copied to the device once, and each batch is gathered, augmented with the batched
+  policies of :mod:`ml.augment` and normalised there; the training default on a GPU, where a
+  per-sample loader on the CPU cannot keep up).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +25,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ml.augment import POLICIES, AugmentPolicy, DermAugment, flip_augment
+from ml.augment import (
+    DERM_JITTER,
+    DERM_RATIO,
+    DERM_SCALE,
+    POLICIES,
+    AugmentPolicy,
+    DermAugment,
+    flip_augment,
+    jitter_colour,
+    random_affine,
+    random_colour,
+    random_hflip,
+    warp,
+)
 
 Task = Literal["classification", "segmentation"]
 
@@ -159,3 +182,112 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
         else:
             target = torch.tensor(-1, dtype=torch.int64)
         return image.contiguous(), target.contiguous(), index
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[..., 3, H, W]`` in [0, 1] -> ImageNet-normalised, on ``x``'s device (the same
+    arithmetic as :meth:`ImageDataset.__getitem__`, so the same values on the CPU)."""
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+
+
+def _channels_first(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1] (a strided view's copy)."""
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def model_layout(x: torch.Tensor) -> torch.Tensor:
+    """A batch in the memory layout the model runs fastest on: channels-last on a GPU (tensor
+    cores), contiguous channels-first on the CPU (the layout the CPU results were made with)."""
+    if x.device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+def device_batches(
+    data: ImageDataset, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """``data``'s images in order, without augmentation, as normalised float32 batches
+    ``[B, 3, H, W]`` made on ``device`` from uint8 copies (a quarter of the bytes of float)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    for start in range(0, len(data), batch_size):
+        pixels = torch.from_numpy(data.images[start : start + batch_size]).to(device)
+        yield model_layout(normalise(_channels_first(pixels)))
+
+
+class DeviceBatches:
+    """Training batches made on ``device`` from a labeled set copied there once as uint8.
+
+    Each epoch (one pass of ``iter``) draws, from ``generator`` (a CPU generator the training
+    loop seeds per epoch), the order (a permutation, or with ``weights`` ``[N]`` as many draws
+    with replacement, as ``WeightedRandomSampler``) and every sample's augmentation (the set's
+    policy, batched: :mod:`ml.augment`), and copies the draws to the device in one go: within an
+    epoch nothing waits for the device. Yields ``(images, targets, indices)`` as the
+    ``DataLoader`` over the set does, on the device: images normalised float32
+    ``[B, 3, S, S]``; targets int64 ``[B]`` or float32 masks ``[B, 1, S, S]``. ``drop_last``
+    drops a last batch of exactly one sample (BatchNorm cannot train on it).
+    """
+
+    def __init__(
+        self,
+        data: ImageDataset,
+        *,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        weights: torch.Tensor | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if not data.labeled:
+            raise ValueError("DeviceBatches trains on a labeled set")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.device, self.batch_size, self.generator = device, batch_size, generator
+        self.augment, self.size = data.augment, data.image_size[0]
+        self.weights, self.drop_last = weights, drop_last
+        self.images = torch.from_numpy(data.images).to(device)
+        self.targets = None if data.targets is None else torch.from_numpy(data.targets).to(device)
+        self.masks = None if data.masks is None else torch.from_numpy(data.masks).to(device)
+        self.n = len(data)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest > 1 or (rest == 1 and not self.drop_last) else 0)
+
+    def _draws(self) -> dict[str, torch.Tensor]:
+        g, n = self.generator, self.n
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g)
+        draws = {"order": order}
+        if self.augment == "derm":
+            draws["theta"] = random_affine(n, g, DERM_SCALE, DERM_RATIO)
+            draws["colour"] = random_colour(n, g, DERM_JITTER)
+        elif self.augment == "flip":
+            draws["flip"] = random_hflip(n, g)
+        return {k: v.to(self.device) for k, v in draws.items()}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        draws = self._draws()
+        for b in range(len(self)):
+            part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield self.batch(draws["order"][part], {k: v[part] for k, v in draws.items()})
+
+    def batch(
+        self, idx: torch.Tensor, draws: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The samples ``idx`` (on the device) with their ``draws``, augmented and normalised."""
+        x = _channels_first(self.images[idx])
+        mask = None if self.masks is None else self.masks[idx].unsqueeze(1).float()
+        if "theta" in draws:
+            x, mask = warp(x, draws["theta"], self.size, mask)
+            x = jitter_colour(x, draws["colour"])
+        elif "flip" in draws:
+            flip = draws["flip"].view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+            mask = None if mask is None else torch.where(flip, mask.flip(-1), mask)
+        if mask is None:
+            assert self.targets is not None  # a labeled set has class targets or masks
+            return model_layout(normalise(x)), self.targets[idx], idx
+        return model_layout(normalise(x)), mask, idx

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ml.data import ImageDataset
+from ml.data import ImageDataset, device_batches
 from ml.models import FEATURE_DIM, ActiveModel
 from ml.train import TrainingCancelled, resolve_device
 
@@ -64,20 +63,14 @@ def score_pool(
     was_training = model.training
     model.to(dev).eval()
     features, losses, heads = [], [], []
-    loader = DataLoader(
-        data.with_augment(False),
-        batch_size=batch_size,
-        shuffle=False,
-        pin_memory=dev.type == "cuda",
-    )
     if on_progress is not None:
         on_progress(0, total)
     done = 0
     try:
-        for images, _, _ in loader:
+        for images in device_batches(data, batch_size, dev):
             if should_stop is not None and should_stop():
                 raise ScoringCancelled(f"cancelled after {done} of {total} images")
-            out = model(images.to(dev, non_blocking=True))
+            out = model(images)
             features.append(out.features.float().cpu())
             losses.append(out.predicted_loss.float().cpu())
             if model.task == "classification":

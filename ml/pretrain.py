@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.transforms.v2 import functional as TF
 
+from ml.augment import jitter_colour, random_affine, random_colour, warp
 from ml.data import IMAGENET_MEAN, IMAGENET_STD
 from ml.train import (
     TrainingCancelled,
@@ -67,11 +67,6 @@ _RESUMABLE_CHANGES = frozenset({"device", "amp"})
 CPU_IMAGES_PER_SECOND = 65.0
 GPU_IMAGES_PER_SECOND = 6000.0
 DEFAULT_BUDGET_SECONDS = 600.0
-
-_YIQ = torch.tensor(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-    dtype=torch.float32,
-)
 
 
 class PretrainCancelled(TrainingCancelled):
@@ -132,38 +127,6 @@ def build_backbone() -> nn.Module:
     return net
 
 
-def _random_affine(n: int, config: PretrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Per-sample ``[n, 2, 3]`` maps from output to input coordinates (normalised, -1..1):
-    a random resized crop of area ``crop_scale`` and aspect ``crop_ratio`` (clamped to the
-    image), after a random flip on each axis and a rotation by a multiple of 90 degrees."""
-    lo, hi = config.crop_scale
-    area = lo + (hi - lo) * torch.rand(n, generator=g)
-    log_lo, log_hi = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
-    ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=g))
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (1.0 - w) * (2.0 * torch.rand(n, generator=g) - 1.0)
-    cy = (1.0 - h) * (2.0 * torch.rand(n, generator=g) - 1.0)
-    flip = torch.where(torch.rand(n, 2, generator=g) < 0.5, -1.0, 1.0)
-    quarter = torch.randint(0, 4, (n,), generator=g)
-    cos = torch.tensor([1.0, 0.0, -1.0, 0.0])[quarter]
-    sin = torch.tensor([0.0, 1.0, 0.0, -1.0])[quarter]
-    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    linear = torch.diag_embed(torch.stack([w, h], -1)) @ rot @ torch.diag_embed(flip)
-    return torch.cat([linear, torch.stack([cx, cy], -1).unsqueeze(-1)], -1)
-
-
-def _random_color(n: int, config: PretrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Per-sample ``[n, 4]`` factors (brightness, contrast, saturation, hue turn); with
-    probability ``1 - color_p`` the identity ``(1, 1, 1, 0)``."""
-    spread = torch.tensor([config.brightness, config.contrast, config.saturation, config.hue])
-    u = 2.0 * torch.rand(n, 4, generator=g) - 1.0
-    factors = torch.tensor([1.0, 1.0, 1.0, 0.0]) + u * spread
-    factors[:, :3] = factors[:, :3].clamp(min=0.0)
-    keep = torch.rand(n, generator=g) < config.color_p
-    return torch.where(keep.unsqueeze(1), factors, torch.tensor([1.0, 1.0, 1.0, 0.0]))
-
-
 def make_views(
     images: torch.Tensor, config: PretrainConfig, generator: torch.Generator
 ) -> torch.Tensor:
@@ -171,38 +134,12 @@ def make_views(
     ``[B, 3, S, S]`` with ``S = config.image_size``, on the images' device. The random draws
     come from ``generator`` (a CPU generator; B draws per call, in a fixed order)."""
     device, n, size = images.device, images.shape[0], config.image_size
-    theta = _random_affine(n, config, generator).to(device)
-    color = _random_color(n, config, generator).to(device)
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    b, c, s, hue = (color[:, i].view(n, 1, 1, 1) for i in range(4))
-    x = (x * b).clamp_(0.0, 1.0)
-    mean = TF.rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * c + mean).clamp_(0.0, 1.0)
-    grey = TF.rgb_to_grayscale(x)
-    x = ((x - grey) * s + grey).clamp_(0.0, 1.0)
-    if config.hue > 0:
-        x = _rotate_hue(x, hue.view(n) * (2.0 * math.pi)).clamp_(0.0, 1.0)
+    theta = random_affine(n, generator, config.crop_scale, config.crop_ratio).to(device)
+    jitter = (config.brightness, config.contrast, config.saturation, config.hue)
+    colour = random_colour(n, generator, jitter, config.color_p).to(device)
+    x, _ = warp(images.permute(0, 3, 1, 2).float().div_(255.0), theta, size)
+    x = jitter_colour(x, colour, hue=config.hue > 0)
     return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
-
-
-def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Turn the hue of ``x`` ``[B, 3, H, W]`` by ``angle`` ``[B]`` radians (rotation of the
-    chroma plane in YIQ; luma kept)."""
-    yiq = _YIQ.to(x.device)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
-    rot = torch.stack(
-        [
-            torch.stack([one, zero, zero], -1),
-            torch.stack([zero, cos, -sin], -1),
-            torch.stack([zero, sin, cos], -1),
-        ],
-        -2,
-    )
-    matrix = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3]
-    return torch.einsum("bij,bjhw->bihw", matrix, x)
 
 
 @dataclass

@@ -49,6 +49,13 @@ def test_tiny_run_on_cpu_writes_every_phase(tmp_path: Path) -> None:
         assert r["picked"] == r["budget"] == 8
         for key in ("train_images_per_s", "score_images_per_s", "select_s", "round_s"):
             assert r[key] > 0, key
+        assert r["loader"] == "dataloader"  # the training default on the CPU
+    assert [t["device"]["image_size"] for t in report["throughput"]] == [32, 64]
+    for t in report["throughput"]:
+        ours, base = t["device"], t["dataloader"]
+        assert (ours["loader"], base["loader"]) == ("device", "dataloader")
+        assert ours["images"] == base["images"] == 32 and ours["epochs"] == 2
+        assert t["ratio"] == round(ours["images_per_s"] / base["images_per_s"], 2) > 0
 
 
 def test_budget_skips_phases(tmp_path: Path) -> None:
@@ -57,4 +64,14 @@ def test_budget_skips_phases(tmp_path: Path) -> None:
     rc = main(["--tiny", "--device", "cpu", "--budget-s", "-1", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "gpu_round.json").read_text())
     assert rc == 0 and report["rounds"] == [] and report["select_bench"] is None
-    assert report["skipped"] == ["select_bench", "round_32px", "round_64px"]
+    assert report["skipped"] == [
+        "select_bench",
+        "round_32px",
+        "round_64px",
+        "throughput_32px",
+        "throughput_64px",
+    ]
+    rc = main(["--tiny", "--device", "cpu", "--skip-select-bench", "--skip-rounds",
+               "--skip-throughput", "--out", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "gpu_round.json").read_text())
+    assert rc == 0 and report["skipped"] == [] and report["rounds"] == []
