@@ -22,7 +22,7 @@ import torch
 
 from ml.data import ImageDataset, device_batches
 from ml.models import FEATURE_DIM, ActiveModel
-from ml.train import TrainingCancelled, resolve_device
+from ml.train import TrainingCancelled, place_model, resolve_device
 
 
 class ScoringCancelled(TrainingCancelled):
@@ -61,7 +61,7 @@ def score_pool(
     dev = resolve_device(device)
     total = len(data)
     was_training = model.training
-    model.to(dev).eval()
+    place_model(model, dev).eval()
     features, losses, heads = [], [], []
     if on_progress is not None:
         on_progress(0, total)

@@ -130,6 +130,15 @@ def resolve_loader(loader: Loader, device: torch.device) -> Loader:
     return loader
 
 
+def place_model(model: ActiveModel, device: torch.device) -> ActiveModel:
+    """``model`` moved to ``device`` (in place), channels-last on a GPU: tensor cores run
+    convolutions fastest in that layout (:func:`ml.data.model_layout` lays out the inputs)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """The autocast dtype: bf16 where the GPU supports it, else fp16; None (fp32) on the CPU."""
     if not enabled or device.type != "cuda":
@@ -245,9 +254,8 @@ def _make_trainer(
         raise ValueError(f"loader must be one of {LOADERS}")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(task, num_classes, config.weights_path).to(device)
-    if device.type == "cuda":  # tensor cores run convolutions fastest channels-last
-        model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(task, num_classes, config.weights_path), device)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
     batch_size = min(config.batch_size, len(train_set))
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
@@ -497,7 +505,7 @@ def evaluate(
     data.check_labels(model.task, model.num_classes)
     dev = resolve_device(device)
     was_training = model.training
-    model.to(dev).eval()
+    place_model(model, dev).eval()
     preds = []
     for images in device_batches(data, batch_size, dev):
         logits = model(images).logits
