@@ -25,10 +25,10 @@ Two implementations of the policies:
   for images held on the training device (:class:`ml.data.DeviceBatches`, the default on a
   GPU) and for SimCLR's views (:mod:`ml.pretrain`). The flips, the rotation and the crop are one
   affine map per sample (``affine_grid`` + ``grid_sample``); the draws come from a CPU
-  generator the loop seeds per epoch. The same distribution as the per-sample version, with
-  three differences: the crop box is not rounded to whole pixels, a crop too wide for the image
-  is clamped to it (torchvision draws again), and the colour steps run in a fixed order
-  (torchvision draws the order; the steps commute but for clamping to [0, 1]).
+  generator the loop seeds per epoch. For training, the same distribution as the per-sample
+  version (a crop that does not fit is drawn again, up to 10 times, as torchvision does), with
+  two differences: the crop box is not rounded to whole pixels, and the colour steps run in a
+  fixed order (torchvision draws the order; the steps commute but for clamping to [0, 1]).
 """
 
 from __future__ import annotations
@@ -114,18 +114,32 @@ _YIQ = torch.tensor(
 
 
 def random_affine(
-    n: int, g: torch.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+    n: int,
+    g: torch.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    tries: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample ``[n, 2, 3]`` maps from output to input coordinates (normalised, -1..1):
-    a random resized crop of relative area ``scale`` and aspect ``ratio`` (clamped to the
-    image; torchvision retries instead), after a random flip on each axis and a rotation by a
-    multiple of 90 degrees (the 8 symmetries of the square)."""
+    """Per-sample ``[n, 2, 3]`` maps from output to input coordinates (normalised, -1..1) of a
+    square image: a random resized crop of relative area ``scale`` and aspect ``ratio``, after
+    a random flip on each axis and a rotation by a multiple of 90 degrees (the 8 symmetries of
+    the square). A crop wider or taller than the image: with ``tries`` None it is clamped to the
+    image (SimCLR's views); with ``tries`` = k, as torchvision's ``RandomResizedCrop``, each
+    sample draws up to k crops and takes the first that fits, else the whole image."""
     lo, hi = scale
-    area = lo + (hi - lo) * torch.rand(n, generator=g)
+    k = 1 if tries is None else tries
+    area = lo + (hi - lo) * torch.rand(n, k, generator=g)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=g))
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, k, generator=g))
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    if tries is None:
+        w, h = w[:, 0].clamp(max=1.0), h[:, 0].clamp(max=1.0)
+    else:
+        fits = (w <= 1.0) & (h <= 1.0)
+        first = fits.int().argmax(1, keepdim=True)  # the first crop that fits (0 if none)
+        some = fits.any(1)
+        w = torch.where(some, w.gather(1, first)[:, 0], 1.0)
+        h = torch.where(some, h.gather(1, first)[:, 0], 1.0)
     cx = (1.0 - w) * (2.0 * torch.rand(n, generator=g) - 1.0)
     cy = (1.0 - h) * (2.0 * torch.rand(n, generator=g) - 1.0)
     flip = torch.where(torch.rand(n, 2, generator=g) < 0.5, -1.0, 1.0)

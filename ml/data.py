@@ -16,6 +16,7 @@ Two ways to feed a model:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -184,10 +185,18 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
         return image.contiguous(), target.contiguous(), index
 
 
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's constants on ``device``, copied there once (a blocking copy to a GPU
+    waits for all its queued work)."""
+    return _MEAN.to(device), _STD.to(device)
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """Float ``[..., 3, H, W]`` in [0, 1] -> ImageNet-normalised, on ``x``'s device (the same
     arithmetic as :meth:`ImageDataset.__getitem__`, so the same values on the CPU)."""
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
 
 
 def _channels_first(pixels: torch.Tensor) -> torch.Tensor:
@@ -224,8 +233,8 @@ class DeviceBatches:
     policy, batched: :mod:`ml.augment`), and copies the draws to the device in one go: within an
     epoch nothing waits for the device. Yields ``(images, targets, indices)`` as the
     ``DataLoader`` over the set does, on the device: images normalised float32
-    ``[B, 3, S, S]``; targets int64 ``[B]`` or float32 masks ``[B, 1, S, S]``. ``drop_last``
-    drops a last batch of exactly one sample (BatchNorm cannot train on it).
+    ``[B, 3, S, S]``; targets int64 ``[B]`` or float32 masks ``[B, 1, S, S]``. ``drop_single``
+    drops a last batch of exactly one sample (BatchNorm cannot train on it), and only that.
     """
 
     def __init__(
@@ -236,7 +245,7 @@ class DeviceBatches:
         device: torch.device,
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
-        drop_last: bool = False,
+        drop_single: bool = False,
     ) -> None:
         if not data.labeled:
             raise ValueError("DeviceBatches trains on a labeled set")
@@ -244,7 +253,7 @@ class DeviceBatches:
             raise ValueError("batch_size must be at least 1")
         self.device, self.batch_size, self.generator = device, batch_size, generator
         self.augment, self.size = data.augment, data.image_size[0]
-        self.weights, self.drop_last = weights, drop_last
+        self.weights, self.drop_single = weights, drop_single
         self.images = torch.from_numpy(data.images).to(device)
         self.targets = None if data.targets is None else torch.from_numpy(data.targets).to(device)
         self.masks = None if data.masks is None else torch.from_numpy(data.masks).to(device)
@@ -252,7 +261,7 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest > 1 or (rest == 1 and not self.drop_last) else 0)
+        return full + (1 if rest > 1 or (rest == 1 and not self.drop_single) else 0)
 
     def _draws(self) -> dict[str, torch.Tensor]:
         g, n = self.generator, self.n
@@ -262,7 +271,7 @@ class DeviceBatches:
             order = torch.randperm(n, generator=g)
         draws = {"order": order}
         if self.augment == "derm":
-            draws["theta"] = random_affine(n, g, DERM_SCALE, DERM_RATIO)
+            draws["theta"] = random_affine(n, g, DERM_SCALE, DERM_RATIO, tries=10)
             draws["colour"] = random_colour(n, g, DERM_JITTER)
         elif self.augment == "flip":
             draws["flip"] = random_hflip(n, g)

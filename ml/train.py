@@ -24,8 +24,8 @@ cannot train on it); the per-sample Dice loss is the smoothed soft Dice (smooth 
 
 On a GPU (``loader="auto"``): the labeled set is copied to the device once as uint8 and each
 batch is gathered, augmented and normalised there (:class:`ml.data.DeviceBatches`); the model
-and its inputs are channels-last, cuDNN picks its kernels for the fixed input size, and AdamW
-runs fused (one kernel per step). On the CPU the per-sample ``DataLoader`` stays the default:
+and its inputs are channels-last, and cuDNN picks its kernels for the fixed input size (unless
+deterministic algorithms are on). On the CPU the per-sample ``DataLoader`` stays the default:
 there the batched augmentation is no faster (x0.99-1.02 at 64 px, x0.82-0.86 at 224 px,
 ``python -m benchmarks.gpu_round --device cpu --skip-select-bench --skip-rounds --sizes 64,224
 --throughput-pool 256 --throughput-epochs 2 --out DIR``), and the seeded CPU results were
@@ -68,8 +68,8 @@ Loader = Literal["auto", "dataloader", "device"]
 LOADERS: tuple[Loader, ...] = ("auto", "dataloader", "device")
 
 CHECKPOINT_FORMAT = "coreloop.ml.checkpoint/1"
-# Config fields that may change between a checkpoint and its resumption (they do not change
-# what is computed, only where and how fast).
+# Config fields that may change between a checkpoint and its resumption: where and how fast the
+# same recipe runs (the random draws may differ, and on a GPU the arithmetic's order).
 _RESUMABLE_CHANGES = frozenset({"device", "amp", "num_workers", "loader"})
 
 
@@ -132,10 +132,12 @@ def resolve_loader(loader: Loader, device: torch.device) -> Loader:
 
 def place_model(model: ActiveModel, device: torch.device) -> ActiveModel:
     """``model`` moved to ``device`` (in place), channels-last on a GPU: tensor cores run
-    convolutions fastest in that layout (:func:`ml.data.model_layout` lays out the inputs)."""
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    convolutions fastest in that layout (:func:`ml.data.model_layout` lays out the inputs).
+    Outside inference mode, so that a model placed for scoring can still be trained."""
+    with torch.inference_mode(False):
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -218,6 +220,7 @@ class _Trainer:
         check_resumable(state["config"], asdict(config), _RESUMABLE_CHANGES)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _match_layouts(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -228,6 +231,16 @@ class _Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return int(state["epoch"])
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Lay every optimizer state tensor out like its parameter (a GPU checkpoint's moments are
+    channels-last, a CPU model's parameters are not: the multi-tensor kernels want one layout)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    optimizer.state[param][key] = torch.empty_like(param).copy_(value)
 
 
 def check_resumable(saved: dict[str, Any], now: dict[str, Any], may_change: frozenset[str]) -> None:
@@ -255,8 +268,9 @@ def _make_trainer(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = place_model(build_model(task, num_classes, config.weights_path), device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
+    if device.type == "cuda":  # fixed input sizes: let cuDNN pick its kernels, unless a run
+        # must repeat (autotuning may pick another algorithm next time)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     batch_size = min(config.batch_size, len(train_set))
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
     drop_last = len(train_set) % batch_size == 1
@@ -278,7 +292,7 @@ def _make_trainer(
             device=device,
             generator=generator,
             weights=per_sample,
-            drop_last=drop_last,
+            drop_single=drop_last,
         )
     else:
         sampler = None
@@ -297,10 +311,7 @@ def _make_trainer(
             pin_memory=device.type == "cuda",
         )
     optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        fused=device.type == "cuda" or None,  # one kernel per step instead of one per tensor
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     total_steps = max(1, config.epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -413,7 +424,8 @@ def train_model(
     :func:`evaluate` when ``val_set`` is given; then ``checkpoint_every(state)`` receives a
     resumable state and ``on_epoch(epoch, epochs, metrics)`` is called. ``should_stop`` is
     polled before every batch; True raises :class:`TrainingCancelled`. ``resume``: a state from
-    ``checkpoint_every`` (same data and settings; only device, amp, num_workers may differ).
+    ``checkpoint_every`` (same data and settings; only device, amp, num_workers, loader may
+    differ).
     Note: re-seeds torch's global generator (this is meant to own its process, as the worker does).
     """
     if val_set is not None:

@@ -67,8 +67,8 @@ def test_budget_skips_phases(tmp_path: Path) -> None:
     assert report["skipped"] == [
         "select_bench",
         "round_32px",
-        "round_64px",
         "throughput_32px",
+        "round_64px",
         "throughput_64px",
     ]
     rc = main(["--tiny", "--device", "cpu", "--skip-select-bench", "--skip-rounds",

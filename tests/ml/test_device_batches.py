@@ -55,7 +55,7 @@ def test_an_epoch_without_augmentation_is_a_permutation_of_the_items() -> None:
     # a last batch of one is dropped only when asked (BatchNorm cannot train on it)
     kept = DeviceBatches(data, batch_size=10, device=CPU, generator=torch.Generator())
     dropped = DeviceBatches(
-        data, batch_size=10, device=CPU, generator=torch.Generator(), drop_last=True
+        data, batch_size=10, device=CPU, generator=torch.Generator(), drop_single=True
     )
     assert [len(b[2]) for b in kept] == [10, 10, 1]
     assert len(dropped) == 2 and [len(b[2]) for b in dropped] == [10, 10]
@@ -111,6 +111,27 @@ def test_whole_image_affine_is_one_of_the_eight_symmetries() -> None:
     assert len(seen) == 8
 
 
+def _crop_sizes(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, h) of each crop, relative to the image: the rows of diag(w, h) @ a signed
+    permutation."""
+    return theta[:, 0, :2].abs().sum(1), theta[:, 1, :2].abs().sum(1)
+
+
+def test_derm_crops_fit_the_image_and_keep_their_area_and_aspect() -> None:
+    g = torch.Generator().manual_seed(1)
+    w, h = _crop_sizes(random_affine(20000, g, (0.5, 1.0), (3 / 4, 4 / 3), tries=10))
+    eps = 1e-5
+    assert (w <= 1 + eps).all() and (h <= 1 + eps).all()
+    assert ((w * h >= 0.5 - eps) & (w * h <= 1 + eps)).all()
+    assert ((w / h >= 3 / 4 - eps) & (w / h <= 4 / 3 + eps)).all()
+    assert 0.65 < float((w * h).mean()) < 0.73  # torchvision's RandomResizedCrop: ~0.70
+    full_side = (w >= 1 - eps) | (h >= 1 - eps)
+    assert float(full_side.float().mean()) < 0.02  # the whole image when 10 draws do not fit
+    # SimCLR's views clamp instead: a quarter of the crops then span the image's side
+    w, h = _crop_sizes(random_affine(20000, g, (0.5, 1.0), (3 / 4, 4 / 3)))
+    assert float(((w >= 1 - eps) | (h >= 1 - eps)).float().mean()) > 0.15
+
+
 def test_derm_batches_keep_masks_on_their_lesions() -> None:
     images, masks = disc_images(32, 32, seed=6)
     data = ImageDataset(images, masks=masks, augment="derm")
@@ -143,12 +164,38 @@ def test_device_loader_trains_scores_and_repeats_on_the_cpu() -> None:
     assert first.history[-1]["target_loss"] < first.history[0]["target_loss"]
     assert evaluate(first.model, test_set, device="cpu")["accuracy"] > 0.6  # chance is 1/3
     assert score_pool(first.model, test_set, device="cpu").features.shape == (30, 512)
-    # a checkpoint made by one loader resumes under the other (where, not what)
+    # resumed from epoch 1, the run ends where the uninterrupted one ends
     states: list[dict[str, Any]] = []
     train_model("classification", 3, train_set, config, checkpoint_every=states.append)
+    resumed = train_model("classification", 3, train_set, config, resume=states[0])
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    # a checkpoint made by one loader resumes under the other (where, not what)
     other = TrainConfig(**{**config.__dict__, "loader": "dataloader"})
-    resumed = train_model("classification", 3, train_set, other, resume=states[0])
-    assert len(resumed.history) == 3
+    elsewhere = train_model("classification", 3, train_set, other, resume=states[0])
+    assert len(elsewhere.history) == 3
+    assert elsewhere.history[0]["loss"] == first.history[0]["loss"]  # the checkpoint's epoch
+
+
+def test_a_gpu_checkpoints_channels_last_moments_resume_on_the_cpu() -> None:
+    """A GPU run's model is channels-last, so are its optimizer's moments in the checkpoint; a
+    CPU resumption lays them out like its own parameters and ends where the CPU run ends."""
+    images, classes = blob_images(40, 16, seed=11)
+    data = ImageDataset(images, targets=classes)
+    config = TrainConfig(epochs=2, batch_size=8, image_size=16, device="cpu", loader="device")
+    states: list[dict[str, Any]] = []
+    straight = train_model("classification", 3, data, config, checkpoint_every=states.append)
+    saved = states[0]
+    moments = saved["optimizer"]["state"].values()
+    four_d = [v for m in moments for v in m.values() if isinstance(v, torch.Tensor) and v.ndim == 4]
+    assert four_d
+    for m in moments:
+        for k, v in m.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 4:
+                m[k] = v.contiguous(memory_format=torch.channels_last)
+    resumed = train_model("classification", 3, data, config, resume=saved)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
 def test_device_loader_trains_segmentation() -> None:
@@ -178,8 +225,32 @@ def test_cuda_batches_match_the_cpus() -> None:
         data = ImageDataset(images, masks=masks, augment=augment)
         on_cpu = _batches(data, 3)
         g = torch.Generator().manual_seed(3)
-        on_gpu = list(DeviceBatches(data, batch_size=8, device=torch.device("cuda"), generator=g))
+        cuda = torch.device("cuda")
+        batches = DeviceBatches(data, batch_size=8, device=cuda, generator=g)
+        epoch = iter(batches)
+        on_gpu = [next(epoch)]  # the epoch's draws are copied to the GPU with its first batch
+        torch.cuda.set_sync_debug_mode("error")  # after that nothing waits for the GPU
+        try:
+            on_gpu.extend(epoch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         for (x, m, i), (gx, gm, gi) in zip(on_cpu, on_gpu, strict=True):
             assert gx.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(i, gi.cpu()) and (m != gm.cpu()).float().mean() < 0.01
             torch.testing.assert_close(gx.cpu(), x, atol=1e-3, rtol=0)
+
+
+def test_optimizer_moments_take_their_parameters_layout() -> None:
+    from ml.train import _match_layouts
+
+    weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    state = optimizer.state[weight]
+    state["exp_avg"] = state["exp_avg"].contiguous(memory_format=torch.channels_last)
+    before = state["exp_avg"].clone()
+    _match_layouts(optimizer)
+    after = optimizer.state[weight]["exp_avg"]
+    assert after.is_contiguous() and after.stride() == weight.stride()
+    assert torch.equal(after, before)
