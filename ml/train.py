@@ -26,10 +26,10 @@ On a GPU (``loader="auto"``): the labeled set is copied to the device once as ui
 batch is gathered, augmented and normalised there (:class:`ml.data.DeviceBatches`); the model
 and its inputs are channels-last, and cuDNN picks its kernels for the fixed input size (unless
 deterministic algorithms are on). On the CPU the per-sample ``DataLoader`` stays the default:
-there the batched augmentation is no faster (x0.99-1.02 at 64 px, x0.82-0.86 at 224 px,
-``python -m benchmarks.gpu_round --device cpu --skip-select-bench --skip-rounds --sizes 64,224
---throughput-pool 256 --throughput-epochs 2 --out DIR``), and the seeded CPU results were
-measured with it.
+there the batched path is about as fast (x1.05-1.06 at 64 px, x0.95-0.99 at 224 px, two runs
+of ``python -m benchmarks.gpu_round --device cpu --skip-select-bench --skip-rounds --sizes
+64,224 --throughput-pool 256 --throughput-epochs 2 --out DIR``), and the seeded CPU results
+were measured with the per-sample loader.
 
 Determinism: the model is initialised under ``seed`` and torch's global generator plus the
 loader's generator are re-seeded at the start of every epoch from ``(seed, epoch)``. So on the
