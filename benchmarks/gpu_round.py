@@ -48,7 +48,7 @@ from ml.bench import run_select_bench
 from ml.data import ImageDataset
 from ml.infer import score_pool
 from ml.selection import select
-from ml.train import Loader, TrainConfig, resolve_device, resolve_loader, train_model
+from ml.train import Loader, TrainConfig, resolve_device, train_model
 
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220]], dtype=np.uint8)
 FULL: dict[str, Any] = {
@@ -147,7 +147,6 @@ def run_round(cfg: dict[str, Any], size: int, device: torch.device, seed: int) -
         "budget": cfg["budget"],
         "epochs": epochs,
         "batch_size": cfg["batch_size"],
-        "loader": resolve_loader("auto", device),
         "workers": cfg.get("workers", 0),
         "data_s": round(time.perf_counter() - t0, 3),
     }
@@ -157,6 +156,7 @@ def run_round(cfg: dict[str, Any], size: int, device: torch.device, seed: int) -
     seen = n_lab * epochs  # at most: train_model drops a last batch of one
     later = sum(h["seconds"] for h in result.history[1:])
     out.update(
+        loader=result.loader,
         train_s=round(train_s, 3),
         train_images_per_s=round(seen / train_s, 1),
         train_images_per_s_after_first_epoch=(
@@ -211,7 +211,7 @@ def run_throughput(
     later = sum(h["seconds"] for h in result.history[1:])
     return {
         "image_size": size,
-        "loader": loader,
+        "loader": result.loader,
         "images": n,
         "epochs": epochs,
         "batch_size": cfg["batch_size"],

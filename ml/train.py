@@ -22,7 +22,8 @@ on the CPU (``image_size``); stopping the module's gradient after 60% of the epo
 not stated in the paper; a last batch of exactly one sample is dropped each epoch (BatchNorm
 cannot train on it); the per-sample Dice loss is the smoothed soft Dice (smooth = 1).
 
-On a GPU (``loader="auto"``): the labeled set is copied to the device once as uint8 and each
+On a GPU (``loader="auto"``): the labeled set is copied to the device once as uint8 (when it
+takes at most a quarter of the free GPU memory; else the per-sample loader feeds it) and each
 batch is gathered, augmented and normalised there (:class:`ml.data.DeviceBatches`); the model
 and its inputs are channels-last, and cuDNN picks its kernels for the fixed input size (unless
 deterministic algorithms are on). On the CPU the per-sample ``DataLoader`` stays the default:
@@ -107,12 +108,14 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """The trained model (in eval mode), one metrics dict per epoch, and the final resumable
-    checkpoint state (the one also passed to ``checkpoint_every`` last)."""
+    """The trained model (in eval mode), one metrics dict per epoch, the final resumable
+    checkpoint state (the one also passed to ``checkpoint_every`` last), and the loader that
+    made the batches (``"dataloader"`` or ``"device"``)."""
 
     model: ActiveModel
     history: list[dict[str, float]]
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    loader: Loader = "dataloader"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,12 +125,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_loader(loader: Loader, device: torch.device) -> Loader:
-    """``"auto"`` -> ``"device"`` on a GPU, ``"dataloader"`` on the CPU (where the per-sample
-    path's seeded results were measured); anything else as given."""
-    if loader == "auto":
-        return "device" if device.type == "cuda" else "dataloader"
-    return loader
+# The share of a GPU's free memory the labeled set may take on it ("auto" loader); beyond it
+# the set stays in host memory and the per-sample loader feeds the GPU.
+DEVICE_SET_SHARE = 0.25
+
+
+def resolve_loader(
+    loader: Loader, device: torch.device, set_bytes: int = 0, free_bytes: int | None = None
+) -> Loader:
+    """``"auto"`` -> ``"device"`` on a GPU when the set (``set_bytes``, uint8) takes at most
+    :data:`DEVICE_SET_SHARE` of the device's ``free_bytes`` (unknown: it fits), else
+    ``"dataloader"``, as on the CPU (where the per-sample path's seeded results were measured);
+    anything else as given."""
+    if loader != "auto":
+        return loader
+    if device.type != "cuda":
+        return "dataloader"
+    fits = free_bytes is None or set_bytes <= DEVICE_SET_SHARE * free_bytes
+    return "device" if fits else "dataloader"
 
 
 def place_model(model: ActiveModel, device: torch.device) -> ActiveModel:
@@ -285,7 +300,9 @@ def _make_trainer(
             weights = None
     augmented = train_set.with_augment(config.augment)
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor, int]] | DeviceBatches
-    if resolve_loader(config.loader, device) == "device":
+    set_bytes = train_set.images.nbytes + (0 if train_set.masks is None else train_set.masks.nbytes)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if resolve_loader(config.loader, device, set_bytes, free) == "device":
         loader = DeviceBatches(
             augmented,
             batch_size=batch_size,
@@ -456,7 +473,8 @@ def train_model(
         if on_epoch is not None:
             on_epoch(epoch + 1, config.epochs, metrics)
     t.model.eval()
-    return TrainResult(t.model, history, state)
+    loader: Loader = "device" if isinstance(t.loader, DeviceBatches) else "dataloader"
+    return TrainResult(t.model, history, state, loader)
 
 
 def _classification_metrics(

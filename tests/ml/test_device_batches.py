@@ -159,6 +159,7 @@ def test_device_loader_trains_scores_and_repeats_on_the_cpu() -> None:
     config = TrainConfig(epochs=3, batch_size=16, image_size=32, device="cpu", loader="device")
     first = train_model("classification", 3, train_set, config)
     again = train_model("classification", 3, train_set, config)
+    assert first.loader == "device"
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, again.model.state_dict()[key]), key
     assert first.history[-1]["target_loss"] < first.history[0]["target_loss"]
@@ -211,6 +212,11 @@ def test_loader_choice() -> None:
     assert resolve_loader("auto", torch.device("cpu")) == "dataloader"
     assert resolve_loader("auto", torch.device("cuda")) == "device"
     assert resolve_loader("device", torch.device("cpu")) == "device"
+    gpu = torch.device("cuda")
+    assert resolve_loader("auto", gpu, set_bytes=2 * 2**30, free_bytes=8 * 2**30) == "device"
+    # a set that would crowd the GPU stays in host memory
+    assert resolve_loader("auto", gpu, set_bytes=3 * 2**30, free_bytes=8 * 2**30) == "dataloader"
+    assert resolve_loader("device", gpu, set_bytes=3 * 2**30, free_bytes=8 * 2**30) == "device"
     images, classes = blob_images(8, 16, seed=9)
     bad = TrainConfig(epochs=1, batch_size=4, image_size=16, device="cpu", loader="gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loader"):

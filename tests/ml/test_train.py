@@ -185,6 +185,7 @@ def test_classification_end_to_end(blobs: tuple[ImageDataset, ImageDataset]) -> 
         on_epoch=lambda e, n, m: epochs.append((e, n)),
     )
     assert epochs == [(1, 3), (2, 3), (3, 3)]
+    assert result.loader == "dataloader"  # the default on the CPU
     assert {"loss", "target_loss", "lp_loss", "seconds", "val_accuracy"} <= result.history[
         -1
     ].keys()
