@@ -9,8 +9,10 @@ state_dict has torchvision's key names without ``fc.*`` and loads with
 :func:`ml.models.load_resnet_weights` into the classifier and into the U-Net's encoder
 (``TrainConfig.weights_path``).
 
-Views (:func:`make_views`) are made on whole uint8 batches, on the training device, with one
-random draw per sample: a random resized crop, flips on both axes and a 90-degree rotation are
+Views (:func:`make_views`, with the batched policies of :mod:`ml.augment`) are made on whole
+uint8 batches, on the training device (on a GPU the pool is held there when it takes at most a
+quarter of the free memory, and the draws go over through pinned memory, so no step waits for
+the GPU), with one random draw per sample: a random resized crop, flips on both axes and a 90-degree rotation are
 one affine map per sample (``affine_grid`` + ``grid_sample``, bilinear), then colour jitter
 (brightness, contrast, saturation; and hue, off by default as in :mod:`ml.augment`, as a
 per-sample rotation in YIQ space) with probability ``color_p``, then the ImageNet
@@ -46,8 +48,9 @@ from torchvision.models import resnet18
 from torchvision.transforms.v2 import functional as TF
 
 from ml.augment import jitter_colour, random_affine, random_colour, warp
-from ml.data import IMAGENET_MEAN, IMAGENET_STD
+from ml.data import IMAGENET_MEAN, IMAGENET_STD, normalise
 from ml.train import (
+    DEVICE_SET_SHARE,
     TrainingCancelled,
     amp_dtype,
     check_resumable,
@@ -134,12 +137,20 @@ def make_views(
     ``[B, 3, S, S]`` with ``S = config.image_size``, on the images' device. The random draws
     come from ``generator`` (a CPU generator; B draws per call, in a fixed order)."""
     device, n, size = images.device, images.shape[0], config.image_size
-    theta = random_affine(n, generator, config.crop_scale, config.crop_ratio).to(device)
+    theta = _to_device(random_affine(n, generator, config.crop_scale, config.crop_ratio), device)
     jitter = (config.brightness, config.contrast, config.saturation, config.hue)
-    colour = random_colour(n, generator, jitter, config.color_p).to(device)
+    colour = _to_device(random_colour(n, generator, jitter, config.color_p), device)
     x, _ = warp(images.permute(0, 3, 1, 2).float().div_(255.0), theta, size)
     x = jitter_colour(x, colour, hue=config.hue > 0)
-    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    return normalise(x)
+
+
+def _to_device(draws: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU draws on ``device``; to a GPU through pinned memory without waiting for its queued
+    work (a blocking copy would)."""
+    if device.type != "cuda":
+        return draws.to(device)
+    return draws.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -249,7 +260,7 @@ def _pretrain_one_epoch(
     should_stop: Callable[[], bool] | None,
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-    order = torch.randperm(pool.shape[0], generator=g)
+    order = torch.randperm(pool.shape[0], generator=g).to(pool.device)  # one copy per epoch
     t.backbone.train()
     t.head.train()
     total = torch.zeros((), dtype=torch.float64, device=t.device)
@@ -303,8 +314,9 @@ def pretrain_backbone(
         raise ValueError("epochs must be >= 0")
     t = _make_pretrainer(images.shape[0], config)
     pool = torch.from_numpy(np.ascontiguousarray(images))
-    if t.device.type == "cuda":
-        pool = pool.pin_memory()
+    if t.device.type == "cuda":  # on the GPU when it fits (the training loader's rule)
+        on_gpu = pool.nbytes <= DEVICE_SET_SHARE * torch.cuda.mem_get_info(t.device)[0]
+        pool = pool.to(t.device) if on_gpu else pool.pin_memory()
     history: list[dict[str, float]] = []
     start = 0
     if resume is not None:

@@ -237,3 +237,19 @@ def test_pretrain_cached_runs_once_per_pool_and_settings(
     assert pretrain_cached(pool[:10], config, tmp_path) != first
     assert pretrain_cached(pool, replace(config, seed=1), tmp_path) != first
     assert runs == [1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_on_the_gpu_match_the_cpus_and_wait_for_nothing() -> None:
+    batch = torch.randint(0, 256, (16, 40, 40, 3), dtype=torch.uint8)
+    config = PretrainConfig(image_size=32)
+    on_cpu = make_views(batch, config, torch.Generator().manual_seed(2))
+    on_gpu = batch.cuda()
+    make_views(on_gpu, config, torch.Generator())  # the first call copies the constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views = make_views(on_gpu, config, torch.Generator().manual_seed(2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(views.cpu(), on_cpu, atol=1e-3, rtol=0)
