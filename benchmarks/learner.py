@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-start", type=Path, help="a ResNet-18 state_dict to start from")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="run the warm start first")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (CPU loader only)")
+    p.add_argument("--num-workers", type=int, default=0, help="loader workers (not on a GPU)")
     p.add_argument("--limit", type=int)
     p.add_argument("--label", default="", help="a name for this row")
     p.add_argument("--out", type=Path, default=Path("artifacts/learner.csv"))
