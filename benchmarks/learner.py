@@ -38,7 +38,7 @@ import torch
 
 from ml.augment import POLICIES
 from ml.ham10000 import lesion_split, load_ham10000
-from ml.train import CLASS_BALANCES, TrainConfig, evaluate, train_model
+from ml.train import CLASS_BALANCES, LOADERS, TrainConfig, evaluate, train_model
 
 
 def cpu_seconds() -> float:
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=0, help="run the warm start first")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers (not on a GPU)")
+    p.add_argument(
+        "--loader",
+        choices=LOADERS,
+        default="auto",
+        help="where batches are made: auto (device on a GPU), dataloader, device",
+    )
     p.add_argument("--limit", type=int)
     p.add_argument("--label", default="", help="a name for this row")
     p.add_argument("--out", type=Path, default=Path("artifacts/learner.csv"))
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         augment=args.augment, class_balance=args.class_balance, seed=args.seed,
         balance_power=args.balance_power,
         device=args.device, weights_path=None if weights is None else str(weights),
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, loader=args.loader,
     )  # fmt: skip
     t0 = time.perf_counter()
 
@@ -120,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_seconds=round(pretrain_s, 1), train_seconds=round(train_s, 1),
         wall_seconds=round(time.perf_counter() - began, 1),
         cpu_seconds=round(cpu_seconds() - cpu0, 1), threads=torch.get_num_threads(),
-        load_avg=round(os.getloadavg()[0], 2),
+        load_avg=round(os.getloadavg()[0], 2), loader=result.loader,
     )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new = not args.out.is_file()
+    if not new:  # a row under another header would be read as other columns
+        with args.out.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != list(row):
+            print(json.dumps(row), file=sys.stdout)
+            raise SystemExit(f"{args.out} has other columns ({len(header)}): use another --out")
     with args.out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
