@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-start", type=Path, help="a ResNet-18 state_dict to start from")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="run the warm start first")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-workers", type=int, default=0, help="loader workers (not on a GPU)")
+    p.add_argument("--num-workers", type=int, default=0, help="per-sample loader workers")
     p.add_argument(
         "--loader",
         choices=LOADERS,
         default="auto",
-        help="where batches are made: auto (device on a GPU), dataloader, device",
+        help="where batches are made: dataloader, device, or auto (ml.train.resolve_loader)",
     )
     p.add_argument("--limit", type=int)
     p.add_argument("--label", default="", help="a name for this row")

@@ -4,9 +4,10 @@ t-interval, t-test and exact sign-flip p) and its verdict (:func:`ml.report.verd
 
     .venv/bin/python -m benchmarks.paired_rows A.csv B.csv [--metric balanced_accuracy ...]
 
-Prints one JSON object: the seeds paired, and per metric the two arms' means, the differences
-and the statistics. Seeds found in one file only are listed and left out; a seed twice in one
-file is an error (which run would count?).
+Prints one JSON object: the seeds paired, each file's ``loader`` values, and per metric the two
+arms' means, the differences and the statistics (null where undefined). Seeds found in one file
+only are listed and left out; a seed twice in one file is an error (which run would count?), and
+so is a pair whose recipe columns (:data:`RECIPE`) differ: only the arm's setting may.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import numpy as np
 from ml.report import paired, read_rows, verdict
 
 METRICS = ("balanced_accuracy", "accuracy")
+RECIPE = ("image_size", "epochs", "lr", "class_balance", "augment", "balance_power",
+          "warm_start", "pretrain_epochs", "n_pool", "n_test")  # fmt: skip
+
+
+def _number(value: float) -> float | None:
+    """Rounded, or None for nan (JSON has no nan)."""
+    return None if value != value else round(value, 4)
 
 
 def by_seed(path: Path) -> dict[int, dict[str, str]]:
@@ -39,9 +47,17 @@ def compare(a: Path, b: Path, metrics: tuple[str, ...] = METRICS) -> dict[str, A
     """Paired statistics of ``b - a`` per metric over the seeds both files hold."""
     rows_a, rows_b = by_seed(a), by_seed(b)
     seeds = sorted(rows_a.keys() & rows_b.keys())
+    for seed in seeds:
+        differ = [k for k in RECIPE if rows_a[seed].get(k) != rows_b[seed].get(k)]
+        if differ:
+            raise ValueError(f"seed {seed}: the arms differ in {differ}, not only in their arm")
     report: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
+        "loaders": {
+            "a": sorted({rows_a[s].get("loader", "") for s in seeds}),
+            "b": sorted({rows_b[s].get("loader", "") for s in seeds}),
+        },
         "seeds": seeds,
         "unpaired": sorted(rows_a.keys() ^ rows_b.keys()),
         "metrics": {},
@@ -54,10 +70,10 @@ def compare(a: Path, b: Path, metrics: tuple[str, ...] = METRICS) -> dict[str, A
             "mean_a": round(float(va.mean()), 4) if seeds else None,
             "mean_b": round(float(vb.mean()), 4) if seeds else None,
             "diffs": [round(float(d), 4) for d in vb - va],
-            "mean_diff": round(stat.mean, 4),
-            "ci95": [round(stat.low, 4), round(stat.high, 4)],
-            "p_t": round(stat.p_t, 4),
-            "p_sign_flip": round(stat.p_perm, 4),
+            "mean_diff": _number(stat.mean),
+            "ci95": [_number(stat.low), _number(stat.high)],
+            "p_t": _number(stat.p_t),
+            "p_sign_flip": _number(stat.p_perm),
             "verdict": verdict(stat),
         }
     return report

@@ -33,6 +33,7 @@ Two implementations of the policies:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -203,10 +204,17 @@ def jitter_colour(x: torch.Tensor, colour: torch.Tensor, hue: bool = False) -> t
     return x
 
 
+@functools.cache
+def _yiq(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YIQ and its inverse on ``device``, made once (a copy to a GPU, or an inverse
+    computed there, waits for its queued work)."""
+    return _YIQ.to(device), torch.linalg.inv(_YIQ).to(device)
+
+
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Turn the hue of ``x`` ``[B, 3, H, W]`` by ``angle`` ``[B]`` radians (rotation of the
     chroma plane in YIQ; luma kept)."""
-    yiq = _YIQ.to(x.device)
+    yiq, yiq_inv = _yiq(x.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rot = torch.stack(
@@ -217,5 +225,5 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
         ],
         -2,
     )
-    matrix = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3]
+    matrix = yiq_inv @ rot @ yiq  # [B, 3, 3]
     return torch.einsum("bij,bjhw->bihw", matrix, x)

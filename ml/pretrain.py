@@ -11,15 +11,16 @@ state_dict has torchvision's key names without ``fc.*`` and loads with
 
 Views (:func:`make_views`, with the batched policies of :mod:`ml.augment`) are made on whole
 uint8 batches, on the training device (on a GPU the pool is held there when it takes at most a
-quarter of the free memory, and the draws go over through pinned memory, so no step waits for
-the GPU), with one random draw per sample: a random resized crop, flips on both axes and a 90-degree rotation are
-one affine map per sample (``affine_grid`` + ``grid_sample``, bilinear), then colour jitter
-(brightness, contrast, saturation; and hue, off by default as in :mod:`ml.augment`, as a
-per-sample rotation in YIQ space) with probability ``color_p``, then the ImageNet
-normalisation of :mod:`ml.data`. torchvision's random
-``transforms.v2`` draw one parameter set per call, so on a batch every image would get the same
-view, and per-image calls in a Python loop are several times slower on the CPU; the v2
-functional kernels (grayscale, normalize) are used where they take batches.
+quarter of the free memory, and the draws go over through pinned memory, so making the views
+waits for nothing; lightly's NT-Xent loss still waits twice per step, for its boolean-mask
+indexing, and fp16 loss scaling once), with one random draw per sample: a random resized
+crop, flips on both axes and a 90-degree rotation are one affine map per sample
+(``affine_grid`` + ``grid_sample``, bilinear), then colour jitter (brightness, contrast,
+saturation; and hue, off by default as in :mod:`ml.augment`, as a per-sample rotation in YIQ
+space) with probability ``color_p``, then the ImageNet normalisation of :mod:`ml.data`.
+torchvision's random ``transforms.v2`` draw one parameter set per call, so on a batch every
+image would get the same view, and per-image calls in a Python loop are several times slower on
+the CPU; the v2 functional kernels (grayscale) are used where they take batches.
 
 Determinism: the networks are initialised under ``seed`` (in a forked RNG, the global
 generator is left as it was) and every epoch draws its order and its views from a generator
@@ -55,6 +56,7 @@ from ml.train import (
     amp_dtype,
     check_resumable,
     epoch_seed,
+    gpu_free_bytes,
     resolve_device,
 )
 
@@ -260,7 +262,7 @@ def _pretrain_one_epoch(
     should_stop: Callable[[], bool] | None,
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-    order = torch.randperm(pool.shape[0], generator=g).to(pool.device)  # one copy per epoch
+    order = _to_device(torch.randperm(pool.shape[0], generator=g), pool.device)
     t.backbone.train()
     t.head.train()
     total = torch.zeros((), dtype=torch.float64, device=t.device)
@@ -268,7 +270,9 @@ def _pretrain_one_epoch(
         if should_stop is not None and should_stop():
             raise PretrainCancelled(f"cancelled during epoch {epoch + 1}")
         idx = order[step * t.batch_size : (step + 1) * t.batch_size]
-        batch = pool[idx].to(t.device, non_blocking=True)
+        batch = pool[idx]
+        if batch.device != t.device:  # a pool too large for the GPU: pinned, copied async
+            batch = batch.pin_memory().to(t.device, non_blocking=True)
         x0 = make_views(batch, config, g)
         x1 = make_views(batch, config, g)
         if t.device.type == "cuda":
@@ -314,9 +318,9 @@ def pretrain_backbone(
         raise ValueError("epochs must be >= 0")
     t = _make_pretrainer(images.shape[0], config)
     pool = torch.from_numpy(np.ascontiguousarray(images))
-    if t.device.type == "cuda":  # on the GPU when it fits (the training loader's rule)
-        on_gpu = pool.nbytes <= DEVICE_SET_SHARE * torch.cuda.mem_get_info(t.device)[0]
-        pool = pool.to(t.device) if on_gpu else pool.pin_memory()
+    # On the GPU when it fits (the training loader's rule).
+    if t.device.type == "cuda" and pool.nbytes <= DEVICE_SET_SHARE * gpu_free_bytes(t.device):
+        pool = pool.to(t.device)
     history: list[dict[str, float]] = []
     start = 0
     if resume is not None:

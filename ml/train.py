@@ -102,7 +102,8 @@ class TrainConfig:
     weights_path: str | None = None
     # Where batches are made: "dataloader" (per sample on the CPU, ``num_workers`` processes),
     # "device" (the set held on the training device, batches augmented there:
-    # :class:`ml.data.DeviceBatches`), or "auto": "device" on a GPU, "dataloader" on the CPU.
+    # :class:`ml.data.DeviceBatches`), or "auto": "device" on a GPU when the set takes at most
+    # :data:`DEVICE_SET_SHARE` of its free memory, else "dataloader" (always on the CPU).
     loader: Loader = "auto"
 
 
@@ -128,6 +129,13 @@ def resolve_device(device: str) -> torch.device:
 # The share of a GPU's free memory the labeled set may take on it ("auto" loader); beyond it
 # the set stays in host memory and the per-sample loader feeds the GPU.
 DEVICE_SET_SHARE = 0.25
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    """Memory this process could still use on a GPU: the driver's free memory plus what
+    PyTorch holds cached but unused (so the choice does not depend on what ran before)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def resolve_loader(
@@ -301,7 +309,7 @@ def _make_trainer(
     augmented = train_set.with_augment(config.augment)
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor, int]] | DeviceBatches
     set_bytes = train_set.images.nbytes + (0 if train_set.masks is None else train_set.masks.nbytes)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = gpu_free_bytes(device) if device.type == "cuda" else None
     if resolve_loader(config.loader, device, set_bytes, free) == "device":
         loader = DeviceBatches(
             augmented,
