@@ -73,7 +73,7 @@ TINY: dict[str, Any] = {
 }
 
 
-@functools.lru_cache(maxsize=1)  # the rounds and the throughput runs share a pool
+@functools.lru_cache(maxsize=1)  # a round and its throughput runs share a pool of one size
 def synthetic_pool(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [n, size, size, 3] (uniform noise 96-159, one disc of the class colour) and
     classes int64 [n]; built in chunks without float copies (7,000 x 224 px is 1 GB)."""
@@ -215,7 +215,7 @@ def run_throughput(
         "images": n,
         "epochs": epochs,
         "batch_size": cfg["batch_size"],
-        "workers": cfg.get("workers", 0) if loader == "dataloader" else None,
+        "workers": cfg.get("workers", 0) if result.loader == "dataloader" else None,
         "train_s": round(train_s, 3),
         "images_per_s": round(n * epochs / train_s, 1),
         "images_per_s_after_first_epoch": (
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return measure
 
-    for size in cfg["sizes"]:  # by size: a round and the throughput runs share one pool
+    for size in cfg["sizes"]:  # by size, so that consecutive phases can share a cached pool
         if not a.skip_rounds:
             phases.append((f"round_{size}px", round_at(size)))
         if not a.skip_throughput:

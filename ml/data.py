@@ -174,7 +174,7 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, in
             pixels, mask = self._derm(pixels, mask)
         elif self.augment == "flip":
             pixels, mask = flip_augment(pixels, mask)
-        image = (pixels.float().div_(255.0) - _MEAN) / _STD
+        image = normalise(pixels.float().div_(255.0))
         target: torch.Tensor
         if mask is not None:
             target = mask.float()
@@ -199,9 +199,17 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _channels_first(pixels: torch.Tensor) -> torch.Tensor:
+def channels_first(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1] (a strided view's copy)."""
     return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, without waiting for the GPU's
+    queued work (a blocking copy would wait for all of it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +229,7 @@ def device_batches(
         raise ValueError("batch_size must be at least 1")
     for start in range(0, len(data), batch_size):
         pixels = torch.from_numpy(data.images[start : start + batch_size]).to(device)
-        yield model_layout(normalise(_channels_first(pixels)))
+        yield model_layout(normalise(channels_first(pixels)))
 
 
 class DeviceBatches:
@@ -275,7 +283,7 @@ class DeviceBatches:
             draws["colour"] = random_colour(n, g, DERM_JITTER)
         elif self.augment == "flip":
             draws["flip"] = random_hflip(n, g)
-        return {k: v.to(self.device) for k, v in draws.items()}
+        return {k: to_device(v, self.device) for k, v in draws.items()}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         draws = self._draws()
@@ -287,7 +295,7 @@ class DeviceBatches:
         self, idx: torch.Tensor, draws: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The samples ``idx`` (on the device) with their ``draws``, augmented and normalised."""
-        x = _channels_first(self.images[idx])
+        x = channels_first(self.images[idx])
         mask = None if self.masks is None else self.masks[idx].unsqueeze(1).float()
         if "theta" in draws:
             x, mask = warp(x, draws["theta"], self.size, mask)

@@ -49,7 +49,7 @@ from torchvision.models import resnet18
 from torchvision.transforms.v2 import functional as TF
 
 from ml.augment import jitter_colour, random_affine, random_colour, warp
-from ml.data import IMAGENET_MEAN, IMAGENET_STD, normalise
+from ml.data import IMAGENET_MEAN, IMAGENET_STD, channels_first, normalise, to_device
 from ml.train import (
     DEVICE_SET_SHARE,
     TrainingCancelled,
@@ -139,20 +139,12 @@ def make_views(
     ``[B, 3, S, S]`` with ``S = config.image_size``, on the images' device. The random draws
     come from ``generator`` (a CPU generator; B draws per call, in a fixed order)."""
     device, n, size = images.device, images.shape[0], config.image_size
-    theta = _to_device(random_affine(n, generator, config.crop_scale, config.crop_ratio), device)
+    theta = to_device(random_affine(n, generator, config.crop_scale, config.crop_ratio), device)
     jitter = (config.brightness, config.contrast, config.saturation, config.hue)
-    colour = _to_device(random_colour(n, generator, jitter, config.color_p), device)
-    x, _ = warp(images.permute(0, 3, 1, 2).float().div_(255.0), theta, size)
+    colour = to_device(random_colour(n, generator, jitter, config.color_p), device)
+    x, _ = warp(channels_first(images), theta, size)
     x = jitter_colour(x, colour, hue=config.hue > 0)
     return normalise(x)
-
-
-def _to_device(draws: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CPU draws on ``device``; to a GPU through pinned memory without waiting for its queued
-    work (a blocking copy would)."""
-    if device.type != "cuda":
-        return draws.to(device)
-    return draws.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -262,7 +254,7 @@ def _pretrain_one_epoch(
     should_stop: Callable[[], bool] | None,
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-    order = _to_device(torch.randperm(pool.shape[0], generator=g), pool.device)
+    order = to_device(torch.randperm(pool.shape[0], generator=g), pool.device)
     t.backbone.train()
     t.head.train()
     total = torch.zeros((), dtype=torch.float64, device=t.device)
